@@ -1,0 +1,49 @@
+"""singlewriter: one writer of certificate key material at a time.
+
+Fencing-token locks over flock, Redis, Consul and Kubernetes Leases. Every
+acquisition returns a Lease whose ``token`` strictly increases, so a store
+that checks tokens can reject a writer that no longer holds the lock.
+"""
+
+from __future__ import annotations
+
+from ._decorator import single_writer
+from ._errors import (
+    BackendUnavailable,
+    ConfigError,
+    LockBusy,
+    LockLost,
+    LockTimeout,
+    SingleWriterError,
+    StaleTokenError,
+    StoreError,
+    VerificationError,
+)
+from ._lease import Lease
+from ._lock import Busy, Grant, Lock
+from ._scheduler import Scheduler
+from ._signals import Terminated, raise_on_signals
+from ._urls import lock_from_url
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable",
+    "Busy",
+    "ConfigError",
+    "Grant",
+    "Lease",
+    "Lock",
+    "LockBusy",
+    "LockLost",
+    "LockTimeout",
+    "Scheduler",
+    "SingleWriterError",
+    "StaleTokenError",
+    "StoreError",
+    "Terminated",
+    "VerificationError",
+    "lock_from_url",
+    "raise_on_signals",
+    "single_writer",
+]

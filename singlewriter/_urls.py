@@ -1,0 +1,119 @@
+"""Building a lock from a URL."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from ._errors import ConfigError
+from ._lock import Lock
+
+__all__ = ["lock_from_url"]
+
+
+class _FromUrl(Protocol):
+    def __call__(self, url: str, name: str | None, **options: Any) -> Lock: ...
+
+
+# scheme: (module, class, extra that installs its client library)
+_BACKENDS: dict[str, tuple[str, str, str | None]] = {
+    "file": ("singlewriter.backends.file", "FileLock", None),
+    "redis": ("singlewriter.backends.redis", "RedisLock", "redis"),
+    "rediss": ("singlewriter.backends.redis", "RedisLock", "redis"),
+    "unix": ("singlewriter.backends.redis", "RedisLock", "redis"),
+    "consul": ("singlewriter.backends.consul", "ConsulLock", "consul"),
+    "k8s": ("singlewriter.backends.kubernetes", "KubernetesLock", "kubernetes"),
+}
+
+
+def lock_from_url(
+    url: str, name: str | None = None, *, ttl: float = 30.0, **options: Any
+) -> Lock:
+    """Build a lock for ``name`` from a URL.
+
+    ``file:///DIR`` gives a FileLock in DIR (query: ``allow_network_fs=1``).
+    ``redis://[USER:PASSWORD@]HOST[:PORT][/DB]`` and ``rediss://`` (TLS) give
+    a RedisLock (query: ``prefix``, ``guard_after_data_loss`` and any
+    redis-py connection option). ``unix:///PATH`` reaches Redis over a Unix
+    socket. ``consul://`` and ``k8s://`` need their extras installed.
+    ``ttl`` is in seconds. Raise ConfigError for an unknown scheme, a
+    missing extra or a bad parameter.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigError(
+            f"lock URL {url!r} is invalid: expected SCHEME://..., with a scheme"
+            f" among {', '.join(sorted(_BACKENDS))}",
+            lock_name=name,
+        )
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in _BACKENDS:
+        raise ConfigError(
+            f"lock URL scheme {scheme!r} in {_redacted(url)!r} is not supported;"
+            f" use one of {', '.join(sorted(_BACKENDS))}",
+            lock_name=name,
+        )
+    if scheme == "file":
+        return _file_lock(url, name, ttl=ttl, **options)
+    factory = _load(scheme, name)
+    return factory(url, name, ttl=ttl, **options)
+
+
+def _load(scheme: str, name: str | None) -> _FromUrl:
+    module_name, class_name, extra = _BACKENDS[scheme]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"the {scheme}:// lock backend needs a client library that is not"
+            f" installed ({exc.name or exc}); install it with"
+            f" pip install 'singlewriter[{extra}]'",
+            lock_name=name,
+        ) from exc
+    from_url: _FromUrl = getattr(module, class_name).from_url
+    return from_url
+
+
+def _file_lock(url: str, name: str | None, **options: Any) -> Lock:
+    from .backends.file import FileLock
+
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise ConfigError(
+            f"file lock URL {url!r} names host {parts.netloc!r}; a flock lock only"
+            " works on this host, so use file:///ABSOLUTE/DIR",
+            lock_name=name,
+        )
+    if name is None:
+        raise ConfigError(
+            f"file lock URL {url!r} needs a lock name; pass name='example.com'"
+        )
+
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - {"allow_network_fs"})
+    if unknown:
+        raise ConfigError(
+            f"file lock URL {url!r} has unknown parameters {unknown}; the only"
+            " accepted parameter is allow_network_fs=1",
+            lock_name=name,
+        )
+    if "allow_network_fs" in query:
+        options["allow_network_fs"] = _flag(query["allow_network_fs"][-1], url)
+    return FileLock(unquote(parts.path), name, **options)
+
+
+def _flag(value: str, url: str) -> bool:
+    text = value.lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"flag value {value!r} in {url!r} is invalid; use 1 or 0")
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()

@@ -1,0 +1,293 @@
+"""A lock in Redis whose acquisition, renewal and release are one script each.
+
+Keys, for prefix P and lock name N (the braces keep both keys in one Redis
+Cluster hash slot):
+
+- ``P:{N}:lock`` holds ``OWNER TOKEN`` with a PX expiry of the ttl.
+  OWNER is 128 random bits chosen per acquisition.
+- ``P:{N}:fence`` holds the last token issued and never expires.
+
+Rules:
+
+- Acquire (one round trip): if the lock key exists, report busy with its
+  remaining PTTL, unless it is ours from an attempt whose reply was lost, in
+  which case return that grant again. Otherwise the token is the largest of
+  fence + 1, the server's TIME in microseconds, and the caller's own highest
+  token + 1; store it in both keys.
+- Renew and release (one round trip each) act only when the lock key still
+  holds this lease's ``OWNER TOKEN``.
+- Data loss. A Redis without persistence forgets both keys when it
+  restarts. Tokens still increase, because a new token is at least the
+  server clock in microseconds, which has moved past every earlier token
+  unless that clock went backwards. Mutual exclusion survives too: when the
+  fence key is missing (the first use of a name, a restart that lost data,
+  or an eviction), the script first writes a placeholder lock for one ttl.
+  Any holder from before the loss counts its lease as lost before that
+  placeholder expires, so it has stopped before the next grant.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+import redis
+import redis.exceptions
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .._errors import BackendUnavailable, ConfigError
+from .._lease import Lease
+from .._lock import Busy, Grant, Lock
+
+__all__ = ["RedisLock"]
+
+log = logging.getLogger(__name__)
+
+# KEYS: lock, fence. ARGV: owner, ttl in ms, caller's token floor, guard flag.
+# Returns {1, token} on a grant, {0, pttl_ms, holder} when busy.
+# string.format("%.0f") is needed because tostring() prints large Lua
+# numbers in exponent form; tokens stay below 2^53, so doubles are exact.
+_ACQUIRE = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local space = string.find(current, ' ', 1, true)
+  if space and string.sub(current, 1, space - 1) == ARGV[1] then
+    return {1, string.sub(current, space + 1)}
+  end
+  local holder = 'another process'
+  if current == 'guard' then holder = 'the start-up guard' end
+  return {0, redis.call('PTTL', KEYS[1]), holder}
+end
+local fence = redis.call('GET', KEYS[2])
+if not fence and ARGV[4] == '1' then
+  redis.call('SET', KEYS[2], '0')
+  redis.call('SET', KEYS[1], 'guard', 'PX', ARGV[2])
+  return {0, tonumber(ARGV[2]), 'the start-up guard'}
+end
+local now = redis.call('TIME')
+local micros = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local token = math.max((tonumber(fence) or 0) + 1, micros, tonumber(ARGV[3]) + 1)
+local text = string.format('%.0f', token)
+redis.call('SET', KEYS[2], text)
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. text, 'PX', ARGV[2])
+return {1, text}
+"""
+
+# KEYS: lock. ARGV: "OWNER TOKEN", ttl in ms. Returns 1 if renewed.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS: lock. ARGV: "OWNER TOKEN". Returns 1 if released.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# Highest token this process has seen per (server, key), passed to the
+# acquire script as a floor so tokens increase even if the server clock and
+# the fence key both went back.
+_seen: dict[tuple[str, str], int] = {}
+_seen_lock = threading.Lock()
+
+
+class RedisLock(Lock):
+    """A lock on one Redis server, for holders on any number of hosts.
+
+    ``client`` is a ``redis.Redis``; give it a ``socket_timeout`` shorter
+    than the ttl so that a hung call cannot outlast the lease. The lock
+    needs a ttl: a Redis lock without expiry would stay held forever after
+    its holder is killed.
+
+    ``guard_after_data_loss`` (default True) holds a name back for one ttl
+    when its fence key is missing; see the module docstring. Turning it off
+    makes the first acquisition of a name immediate, but a Redis restart
+    without persistence can then let two holders overlap (tokens still
+    increase, so a fenced store still rejects the older one).
+    """
+
+    backend = "redis"
+
+    def __init__(
+        self,
+        client: redis.Redis[Any],
+        name: str,
+        *,
+        ttl: float | None = 30.0,
+        prefix: str = "singlewriter",
+        guard_after_data_loss: bool = True,
+        **options: Any,
+    ) -> None:
+        super().__init__(name, ttl=ttl, **options)
+        assert self.ttl is not None
+        self.client = client
+        self.prefix = prefix
+        self.guard_after_data_loss = guard_after_data_loss
+        self.lock_key = f"{prefix}:{{{self.name}}}:lock"
+        self.fence_key = f"{prefix}:{{{self.name}}}:fence"
+        self._ttl_ms = max(1, int(self.ttl * 1000))
+        self._acquire_script = client.register_script(_ACQUIRE)
+        self._renew_script = client.register_script(_RENEW)
+        self._release_script = client.register_script(_RELEASE)
+        self._server = _describe(client)
+
+    @classmethod
+    def from_url(cls, url: str, name: str, **options: Any) -> RedisLock:
+        """Build a lock from ``redis://`` or ``rediss://`` with its own client."""
+        client_url, client_options, lock_options = _split_url(url, options)
+        try:
+            client = redis.Redis.from_url(client_url, **client_options)
+        except (ValueError, TypeError, redis.exceptions.RedisError) as exc:
+            raise ConfigError(
+                f"Redis URL {_redact(url)!r} for lock {name!r} is invalid: {exc}."
+                " Use redis://[:PASSWORD@]HOST[:PORT][/DB] or rediss://... for TLS.",
+                lock_name=name,
+                backend=cls.backend,
+            ) from exc
+        return cls(client, name, **lock_options)
+
+    def _try_acquire(self, timeout: float, owner: str) -> Grant | Busy:
+        floor = _seen.get((self._server, self.lock_key), 0)
+        guard = "1" if self.guard_after_data_loss else "0"
+        reply = self._call(
+            self._acquire_script,
+            [self.lock_key, self.fence_key],
+            [owner, self._ttl_ms, floor, guard],
+            "acquire",
+        )
+
+        if int(reply[0]) != 1:
+            retry_after = max(0, int(reply[1])) / 1000
+            return Busy(retry_after=retry_after or None, holder=_text(reply[2]))
+
+        token = int(reply[1])
+        with _seen_lock:
+            key = (self._server, self.lock_key)
+            _seen[key] = max(_seen.get(key, 0), token)
+        return Grant(token, data=f"{owner} {token}")
+
+    def _renew(self, lease: Lease, timeout: float) -> bool:
+        reply = self._call(
+            self._renew_script, [self.lock_key], [lease.data, self._ttl_ms], "renew"
+        )
+        return int(reply) == 1
+
+    def _release(self, lease: Lease, timeout: float) -> bool:
+        reply = self._call(
+            self._release_script, [self.lock_key], [lease.data], "release"
+        )
+        return int(reply) == 1
+
+    def _call(self, script: Any, keys: list[str], args: list[Any], action: str) -> Any:
+        # redis-py reconnects on its own. That is safe here: every script
+        # checks the stored owner, so a call over a new connection (perhaps
+        # to a restarted server) re-verifies the lease instead of trusting
+        # that nothing happened while the connection was down.
+        try:
+            return script(keys=keys, args=args)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise BackendUnavailable(
+                f"Redis at {self._server} did not answer the {action} of lock"
+                f" {self.name!r}: {exc}. Check that the server is up and reachable.",
+                lock_name=self.name,
+                backend=self.backend,
+            ) from exc
+        except redis.exceptions.ResponseError as exc:
+            raise _response_error(self, action, exc) from exc
+
+
+def _response_error(
+    lock: RedisLock, action: str, exc: redis.exceptions.ResponseError
+) -> Exception:
+    text = str(exc)
+    if text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+        return ConfigError(
+            f"Redis at {lock._server} rejected the {action} of lock {lock.name!r}:"
+            f" {text}. Check the password and ACL user in the URL.",
+            lock_name=lock.name,
+            backend=lock.backend,
+        )
+    # LOADING, BUSY, READONLY (a replica after failover) and the like pass.
+    return BackendUnavailable(
+        f"Redis at {lock._server} failed the {action} of lock {lock.name!r}: {text}",
+        lock_name=lock.name,
+        backend=lock.backend,
+    )
+
+
+_URL_LOCK_OPTIONS = ("prefix", "guard_after_data_loss")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _split_url(
+    url: str, options: dict[str, Any]
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Split the lock's own URL parameters from those redis-py understands.
+
+    Return the URL for redis-py, extra client options, and lock options.
+    """
+    parts = urlsplit(url)
+    query = parse_qs(parts.query, keep_blank_values=True)
+    lock_options = dict(options)
+    for key in _URL_LOCK_OPTIONS:
+        if key in query:
+            lock_options.setdefault(key, query.pop(key)[-1])
+    client_url = parts._replace(query=urlencode(query, doseq=True)).geturl()
+    if "guard_after_data_loss" in lock_options:
+        lock_options["guard_after_data_loss"] = _flag(
+            "guard_after_data_loss", lock_options["guard_after_data_loss"]
+        )
+
+    # A single call must end well inside the ttl; redis-py's own retries are
+    # off because the lock retries with its own deadline in mind.
+    ttl = float(lock_options.get("ttl") or 30.0)
+    timeout = min(5.0, max(0.05, ttl / 4))
+    client_options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    for key in ("socket_timeout", "socket_connect_timeout"):
+        if key in query:
+            client_options.pop(key)
+    return client_url, client_options, lock_options
+
+
+def _flag(field: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{field}={value!r} is invalid; use true or false")
+
+
+def _describe(client: redis.Redis[Any]) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix:{kwargs['path']}"
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    user = unquote(parts.username or "")
+    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
