@@ -34,6 +34,7 @@ from ._errors import BackendUnavailable, ConfigError, LockBusy, LockTimeout
 from ._lease import Lease, LostCallback
 from ._names import validate_name
 from ._scheduler import Scheduler, default_scheduler
+from ._scheduler import backoff as _backoff
 
 __all__ = ["Busy", "Grant", "Lock"]
 
@@ -227,7 +228,7 @@ class Lock(abc.ABC):
 
         retrying = tenacity.Retrying(
             stop=stop_retrying,
-            wait=tenacity.wait_exponential_jitter(initial=0.05, max=2.0, jitter=0.05),
+            wait=_backoff(2.0),
             retry=tenacity.retry_if_exception_type(BackendUnavailable),
             sleep=self.sleep,
             before_sleep=self._log_retry,
@@ -266,7 +267,7 @@ class Lock(abc.ABC):
     def _release_lease(self, lease: Lease) -> bool:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.retry_attempts),
-            wait=tenacity.wait_exponential_jitter(initial=0.05, max=1.0, jitter=0.05),
+            wait=_backoff(1.0),
             retry=tenacity.retry_if_exception_type(BackendUnavailable),
             sleep=self.sleep,
             reraise=True,

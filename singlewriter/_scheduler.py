@@ -31,14 +31,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tenacity import RetryCallState, Retrying
-from tenacity.wait import wait_exponential_jitter
+from tenacity.wait import wait_base, wait_exponential, wait_random
 
 from ._errors import BackendUnavailable
 
 if TYPE_CHECKING:
     from ._lease import Lease
 
-__all__ = ["Scheduler", "default_scheduler"]
+__all__ = ["Scheduler", "backoff", "default_scheduler"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Scheduler:
         self._sequence = 0
         self._thread: threading.Thread | None = None
         self._wake_at = float("inf")
-        self._backoff = wait_exponential_jitter(initial=0.05, max=2.0, jitter=0.05)
+        self._backoff = backoff(2.0)
 
     def register(self, lease: Lease) -> None:
         """Start renewing ``lease``; its first renewal is due per its schedule."""
@@ -193,3 +193,12 @@ def _forget_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def backoff(maximum: float) -> wait_base:
+    """Return the wait strategy for retries of transient backend errors.
+
+    Exponential from 50 ms, capped at ``maximum`` seconds, plus up to 50 ms
+    of jitter so that contenders that failed together do not retry together.
+    """
+    return wait_exponential(multiplier=0.05, max=maximum) + wait_random(0, 0.05)

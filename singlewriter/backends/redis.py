@@ -19,11 +19,13 @@ Rules:
 - Data loss. A Redis without persistence forgets both keys when it
   restarts. Tokens still increase, because a new token is at least the
   server clock in microseconds, which has moved past every earlier token
-  unless that clock went backwards. Mutual exclusion survives too: when the
-  fence key is missing (the first use of a name, a restart that lost data,
-  or an eviction), the script first writes a placeholder lock for one ttl.
-  Any holder from before the loss counts its lease as lost before that
-  placeholder expires, so it has stopped before the next grant.
+  unless that clock went backwards. Mutual exclusion survives the restart
+  too: when the fence key is missing and the server has been up for less
+  than one ttl, the script grants nothing until that ttl has passed. A
+  holder from before the restart could renew only before it, so its own
+  deadline has passed by then. This assumes every process uses the same
+  ttl for a name. FLUSHALL or eviction of a live server is not detected:
+  run Redis with ``maxmemory-policy noeviction`` (the default).
 """
 
 from __future__ import annotations
@@ -57,15 +59,15 @@ if current then
   if space and string.sub(current, 1, space - 1) == ARGV[1] then
     return {1, string.sub(current, space + 1)}
   end
-  local holder = 'another process'
-  if current == 'guard' then holder = 'the start-up guard' end
-  return {0, redis.call('PTTL', KEYS[1]), holder}
+  return {0, redis.call('PTTL', KEYS[1]), 'another process'}
 end
 local fence = redis.call('GET', KEYS[2])
 if not fence and ARGV[4] == '1' then
-  redis.call('SET', KEYS[2], '0')
-  redis.call('SET', KEYS[1], 'guard', 'PX', ARGV[2])
-  return {0, tonumber(ARGV[2]), 'the start-up guard'}
+  local info = redis.call('INFO', 'server')
+  local uptime_ms = tonumber(string.match(info, 'uptime_in_seconds:(%d+)')) * 1000
+  if uptime_ms < tonumber(ARGV[2]) then
+    return {0, tonumber(ARGV[2]) - uptime_ms, 'the restart guard'}
+  end
 end
 local now = redis.call('TIME')
 local micros = tonumber(now[1]) * 1000000 + tonumber(now[2])
@@ -107,11 +109,12 @@ class RedisLock(Lock):
     needs a ttl: a Redis lock without expiry would stay held forever after
     its holder is killed.
 
-    ``guard_after_data_loss`` (default True) holds a name back for one ttl
-    when its fence key is missing; see the module docstring. Turning it off
-    makes the first acquisition of a name immediate, but a Redis restart
-    without persistence can then let two holders overlap (tokens still
-    increase, so a fenced store still rejects the older one).
+    ``guard_after_data_loss`` (default True) grants nothing for a name
+    whose fence key is missing until the server has been up for one ttl;
+    see the module docstring. Turning it off makes acquisitions right after
+    a server start immediate, but a restart without persistence can then
+    let two holders overlap (tokens still increase, so a fenced store still
+    rejects the older one).
     """
 
     backend = "redis"

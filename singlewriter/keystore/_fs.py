@@ -1,0 +1,298 @@
+"""Filesystem primitives of the key store, and the injectable layer under them.
+
+Rules every function here keeps:
+
+* A file is created with ``O_CREAT | O_EXCL`` and its final mode, so a
+  private key is never readable by others, not even for the first byte.
+  A secret file's mode is checked with fstat and never changed afterwards.
+* Every file is fsynced before it is renamed into place, and the directory
+  is fsynced after the rename (Pillai et al., "All File Systems Are Not
+  Created Equal", OSDI 2014).
+* A failed write, fsync or close fails the whole operation. An fsync is never
+  retried: after an error, Linux may have dropped the dirty pages and a
+  second fsync can report success for data that never reached the disk.
+* Cleanup runs only in ``except Exception``. A simulated process death (any
+  BaseException) leaves the filesystem exactly as a real crash would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Union
+
+from singlewriter._errors import StoreError
+
+from ._layout import temp_name
+
+__all__ = [
+    "FileSystem",
+    "StrPath",
+    "atomic_write",
+    "create_file",
+    "failure",
+    "fsync_directory",
+    "remove_quietly",
+    "remove_tree",
+    "replace_symlink",
+    "store_lock",
+]
+
+logger = logging.getLogger(__name__)
+
+StrPath = Union[str, "os.PathLike[str]"]
+
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+class FileSystem:
+    """The system calls the key store makes to change files, one method each.
+
+    The default implementation calls :mod:`os` directly. Tests subclass it to
+    record the calls or to fail one of them. Reads that change nothing
+    (readlink, listdir, read) go to :mod:`os` directly.
+    """
+
+    def open(self, path: StrPath, flags: int, mode: int = 0o777) -> int:
+        return os.open(path, flags, mode)
+
+    def write(self, fd: int, data: memoryview) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def fstat(self, fd: int) -> os.stat_result:
+        return os.fstat(fd)
+
+    def fchmod(self, fd: int, mode: int) -> None:
+        os.fchmod(fd, mode)
+
+    def rename(self, source: StrPath, destination: StrPath) -> None:
+        os.rename(source, destination)
+
+    def unlink(self, path: StrPath) -> None:
+        os.unlink(path)
+
+    def symlink(self, target: str, path: StrPath) -> None:
+        os.symlink(target, path)
+
+    def mkdir(self, path: StrPath, mode: int) -> None:
+        os.mkdir(path, mode)
+
+    def rmdir(self, path: StrPath) -> None:
+        os.rmdir(path)
+
+
+def failure(action: str, path: StrPath, exc: OSError) -> StoreError:
+    """Return a StoreError that names the failed action and path."""
+    reason = exc.strerror or str(exc)
+    return StoreError(f"{action} {os.fspath(path)} failed: {reason}")
+
+
+def _close_quietly(fs: FileSystem, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fs.close(fd)
+
+
+def remove_quietly(fs: FileSystem, path: StrPath) -> None:
+    """Unlink ``path`` during cleanup, logging instead of raising."""
+    try:
+        fs.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.warning("Could not remove %s during cleanup: %s", path, exc)
+
+
+def _write_all(fs: FileSystem, fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = fs.write(fd, view)
+        if written <= 0:
+            # write(2) returns 0 only when nothing could be stored, which on a
+            # regular file means the disk is full.
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
+def _check_mode(
+    fs: FileSystem, fd: int, path: StrPath, mode: int, *, exact_mode: bool
+) -> None:
+    """Check the new file's mode, widening it only where that is allowed.
+
+    The umask can only remove bits. A secret file that lost a bit is rejected
+    rather than changed with fchmod, so its mode is never touched after
+    creation. Any other file is widened back to ``mode``, which shows nothing
+    more than the caller asked for.
+    """
+    actual = stat.S_IMODE(fs.fstat(fd).st_mode)
+    if actual == mode:
+        return
+
+    if exact_mode:
+        raise StoreError(
+            f"{os.fspath(path)} was created with mode {actual:#o} instead of "
+            f"{mode:#o}, because the umask or the filesystem removed bits. Set "
+            "a umask that keeps the owner's bits, such as 0o077, and use a "
+            "filesystem with POSIX file modes."
+        )
+    fs.fchmod(fd, mode)
+
+
+def create_file(
+    fs: FileSystem, path: StrPath, data: bytes, mode: int, *, exact_mode: bool
+) -> None:
+    """Create ``path`` with ``mode``, write ``data`` and fsync it.
+
+    The file must not exist. On an error the partial file is removed and a
+    StoreError naming the path is raised.
+    """
+    try:
+        fd = fs.open(path, _CREATE_FLAGS, mode)
+    except OSError as exc:
+        raise failure("creating", path, exc) from exc
+
+    action = "checking the mode of"
+    try:
+        _check_mode(fs, fd, path, mode, exact_mode=exact_mode)
+        action = "writing"
+        _write_all(fs, fd, data)
+        action = "fsyncing"
+        fs.fsync(fd)
+    except Exception as exc:
+        _close_quietly(fs, fd)
+        remove_quietly(fs, path)
+        if isinstance(exc, OSError) and not isinstance(exc, StoreError):
+            raise failure(action, path, exc) from exc
+        raise
+
+    try:
+        fs.close(fd)
+    except OSError as exc:
+        # close(2) releases the descriptor even when it reports an error, so
+        # it is not closed again. On NFS a close error means lost data.
+        remove_quietly(fs, path)
+        raise failure("closing", path, exc) from exc
+
+
+def fsync_directory(fs: FileSystem, path: StrPath) -> None:
+    """Fsync a directory so that renames and new entries in it are durable."""
+    try:
+        fd = fs.open(path, _DIRECTORY_FLAGS)
+    except OSError as exc:
+        raise failure("opening directory", path, exc) from exc
+
+    try:
+        fs.fsync(fd)
+    except OSError as exc:
+        _close_quietly(fs, fd)
+        raise failure("fsyncing directory", path, exc) from exc
+
+    try:
+        fs.close(fd)
+    except OSError as exc:
+        raise failure("closing directory", path, exc) from exc
+
+
+def replace_symlink(fs: FileSystem, target: str, path: Path, purpose: str) -> None:
+    """Point the symlink ``path`` at ``target`` with one atomic rename.
+
+    rename(2) replaces the old link in one step, so a reader resolves either
+    the old or the new target, never a missing name. The caller fsyncs the
+    directory.
+    """
+    temporary = path.parent / temp_name("..tmp-", purpose)
+    try:
+        fs.symlink(target, temporary)
+    except OSError as exc:
+        raise failure("creating symlink", temporary, exc) from exc
+
+    try:
+        fs.rename(temporary, path)
+    except OSError as exc:
+        remove_quietly(fs, temporary)
+        raise failure("renaming symlink over", path, exc) from exc
+
+
+def remove_tree(fs: FileSystem, directory: Path, first: str | None = None) -> None:
+    """Remove a flat directory, unlinking the entry ``first`` before the others.
+
+    Generation directories contain only files, so no recursion is needed.
+    """
+    names = sorted(os.listdir(directory))
+    if first is not None and first in names:
+        names.remove(first)
+        names.insert(0, first)
+
+    for name in names:
+        try:
+            fs.unlink(directory / name)
+        except FileNotFoundError:
+            pass
+    fs.rmdir(directory)
+
+
+def atomic_write(
+    path: StrPath,
+    data: bytes,
+    *,
+    mode: int = 0o600,
+    fs: FileSystem | None = None,
+) -> None:
+    """Replace the file at ``path`` with ``data`` so that readers never see a
+    partial or empty file, even after a crash or a full disk.
+
+    The data goes to a new file in the same directory, created with ``mode``
+    (``O_EXCL``, never chmod-ed narrower afterwards), fsynced, renamed over
+    ``path``, and then the directory is fsynced. A mode that grants nothing
+    to group and others is treated as secret: if the umask removed bits, a
+    StoreError is raised instead of calling fchmod. A symlink at ``path`` is
+    replaced by the file, its target is left alone.
+
+    Raises StoreError when any step fails. ``path`` then still contains the
+    old content, and a temporary file named ``.NAME.tmp-*`` may be left only
+    if the process dies in the middle.
+    """
+    fs = fs if fs is not None else FileSystem()
+    target = Path(path)
+    temporary = target.parent / temp_name(f".{target.name}.tmp-", "write")
+    exact_mode = mode & 0o077 == 0
+
+    create_file(fs, temporary, data, mode, exact_mode=exact_mode)
+
+    try:
+        fs.rename(temporary, target)
+    except OSError as exc:
+        remove_quietly(fs, temporary)
+        raise failure("renaming over", target, exc) from exc
+
+    fsync_directory(fs, target.parent)
+
+
+@contextlib.contextmanager
+def store_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock(2) on ``path`` for the duration of the block.
+
+    The lock file is never deleted: a process that unlinked it could let the
+    next two lockers lock different inodes at the same time. flock gives no
+    exclusion between NFS clients, so a store on NFS needs one writer host.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        # Closing the descriptor releases the lock, as the kernel does when
+        # the process dies, so this runs for every exception.
+        os.close(fd)

@@ -1,0 +1,120 @@
+"""Checks on file names and on the directory chain above a store."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+
+from singlewriter._errors import ConfigError
+
+__all__ = ["check_store_path", "validate_name"]
+
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+# Linux resolves at most 40 symlinks in one lookup (path_resolution(7)).
+_MAX_SYMLINKS = 40
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it is a plain file name a store may publish.
+
+    A name starts with a letter or digit and contains only letters, digits,
+    dots, dashes and underscores, at most 100 characters. That excludes path
+    separators, ``..``, empty names and hidden names, which the store uses
+    for its own entries.
+    """
+    if not isinstance(name, str) or _NAME_PATTERN.fullmatch(name) is None:
+        raise ConfigError(
+            f"invalid file name {name!r}: use a plain name such as 'cert.pem' "
+            "that starts with a letter or digit and contains only letters, "
+            "digits, '.', '-' and '_' (no '/', no leading dot, at most 100 "
+            "characters)"
+        )
+    return name
+
+
+def _trusted_owners() -> frozenset[int]:
+    return frozenset({0, os.geteuid()})
+
+
+def _check_directory(path: Path, info: os.stat_result, store: Path) -> None:
+    """Reject a directory that another user could use to swap the store."""
+    mode = info.st_mode
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        raise ConfigError(
+            f"store path {store} is unsafe: directory {path} is world-writable "
+            "without the sticky bit, so any user could replace entries in it. "
+            f"Run 'chmod o-w {path}' or choose another location."
+        )
+    if info.st_uid not in _trusted_owners():
+        raise ConfigError(
+            f"store path {store} is unsafe: directory {path} is owned by uid "
+            f"{info.st_uid}, which could replace the store. Use a directory "
+            "owned by root or by the user running the store."
+        )
+
+
+def _check_symlink(path: Path, info: os.stat_result, store: Path) -> None:
+    if info.st_uid not in _trusted_owners():
+        raise ConfigError(
+            f"store path {store} is unsafe: it passes through symlink {path} "
+            f"owned by uid {info.st_uid}, who could point it elsewhere. Replace "
+            "the symlink with one owned by root or by the user running the "
+            "store, or use the real path."
+        )
+
+
+def check_store_path(path: Path) -> Path:
+    """Walk the store path from ``/`` and reject a chain another user controls.
+
+    Each existing directory on the way, after following symlinks, must be
+    owned by root or the current user and must not be world-writable without
+    the sticky bit. Each symlink on the way must be owned by root or the
+    current user. ``/tmp`` (root-owned, mode 1777) passes. Components that do
+    not exist yet are created later by the store with safe owners.
+
+    Returns the absolute form of ``path`` without resolving symlinks, so the
+    live names keep the spelling the caller configured.
+    """
+    store = Path(os.path.abspath(path))
+    pending = list(reversed(store.parts[1:]))
+    current = Path("/")
+    _check_directory(current, os.lstat(current), store)
+    followed = 0
+
+    while pending:
+        part = pending.pop()
+        if part == "..":
+            current = current.parent
+            continue
+
+        candidate = current / part
+        try:
+            info = os.lstat(candidate)
+        except FileNotFoundError:
+            return store
+
+        if stat.S_ISLNK(info.st_mode):
+            _check_symlink(candidate, info, store)
+            followed += 1
+            if followed > _MAX_SYMLINKS:
+                raise ConfigError(f"store path {store} has a symlink loop")
+
+            target = Path(os.readlink(candidate))
+            parts = target.parts
+            if target.is_absolute():
+                current = Path("/")
+                parts = parts[1:]
+            pending.extend(reversed(parts))
+            continue
+
+        if not stat.S_ISDIR(info.st_mode):
+            raise ConfigError(
+                f"store path {store} is invalid: {candidate} is not a directory"
+            )
+        _check_directory(candidate, info, store)
+        current = candidate
+
+    return store

@@ -1,0 +1,76 @@
+"""A throwaway redis-server on 127.0.0.1 with persistence switched off."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ._common import (
+    ServerHandle,
+    ServerProcess,
+    ServerUnavailable,
+    free_port,
+    wait_for_port,
+)
+
+__all__ = ["Redis", "start_redis"]
+
+
+class Redis(ServerHandle):
+    """A running redis-server; ``restart()`` loses every key on purpose."""
+
+    def __init__(self, workdir: Path, binary: str, *, password: str | None = None):
+        self.workdir = workdir
+        self.port = free_port()
+        self.password = password
+        argv = [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ]
+        if password is not None:
+            argv += ["--requirepass", password]
+        self.process = ServerProcess("redis", argv, cwd=workdir, log_dir=workdir)
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process.start()
+        wait_for_port(self.port, timeout=15, process=self.process)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def restart(self) -> None:
+        """Stop and start on the same port. With persistence off, all keys are gone."""
+        self.process.stop()
+        self.start()
+
+
+def start_redis(
+    workdir: str | os.PathLike[str], *, password: str | None = None
+) -> Redis:
+    """Start redis-server from PATH (Debian package redis-server)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ServerUnavailable(
+            "redis-server not found on PATH: install it with"
+            " `apt-get install redis-server`, as tests/bootstrap does"
+        )
+    server = Redis(Path(workdir), binary, password=password)
+    server.start()
+    return server
