@@ -11,6 +11,8 @@ import pytest
 
 from tests.servers import ServerUnavailable
 
+pytest_plugins = ["tests.fixtures_consul", "tests.fixtures_kube"]
+
 REQUIRE_SERVERS = os.environ.get("SINGLEWRITER_REQUIRE_SERVERS") == "1"
 
 
@@ -59,6 +61,8 @@ def fresh_redis(tmp_path: Path) -> Iterator[object]:
 BACKENDS: dict[str, tuple[pytest.MarkDecorator, ...]] = {
     "file": (),
     "redis": (pytest.mark.redis,),
+    "consul": (pytest.mark.consul,),
+    "kubernetes": (pytest.mark.kubernetes,),
 }
 
 
