@@ -33,7 +33,10 @@ def emit(**event: object) -> None:
 def watch(lease: singlewriter.Lease) -> None:
     lease.lost.wait()
     emit(
-        event="lost", token=lease.token, reason=lease.lost_reason, deadline=lease.deadline
+        event="lost",
+        token=lease.token,
+        reason=lease.lost_reason,
+        deadline=lease.deadline,
     )
 
 

@@ -7,6 +7,7 @@ the tests flaky; the assertions compare orderings of events, not speeds.
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 import time
@@ -52,7 +53,7 @@ def test_mutual_exclusion_across_processes(
     lines = logfile.read_text().splitlines()
     assert len(lines) == 3 * 8 * 2
     tokens = []
-    for enter, leave in zip(lines[::2], lines[1::2]):
+    for enter, leave in zip(lines[::2], lines[1::2], strict=True):
         kind_in, pid_in, token_in = enter.split()
         kind_out, pid_out, token_out = leave.split()
         assert (kind_in, kind_out) == ("enter", "exit"), (enter, leave)
@@ -81,7 +82,7 @@ def test_tokens_increase_across_processes(
         tokens.append(event["token"])
         assert worker.request("release")["freed"] is True
 
-    assert all(a < b for a, b in zip(tokens, tokens[1:])), tokens
+    assert all(a < b for a, b in itertools.pairwise(tokens)), tokens
 
 
 def test_timeout_and_busy_while_held(
@@ -226,9 +227,7 @@ def test_sigstop_past_ttl_then_resume(
     successor.release()
 
 
-def test_sigterm_releases_lock(
-    backend: tuple[str, str], workers: list[Worker]
-) -> None:
+def test_sigterm_releases_lock(backend: tuple[str, str], workers: list[Worker]) -> None:
     """SIGTERM to a holder that called raise_on_signals() releases at once."""
     _, url = backend
     name = unique_name()

@@ -145,6 +145,7 @@ class RedisLock(Lock):
     @classmethod
     def from_url(cls, url: str, name: str, **options: Any) -> RedisLock:
         """Build a lock from ``redis://`` or ``rediss://`` with its own client."""
+        _check_url(url, name)
         client_url, client_options, lock_options = _split_url(url, options)
         try:
             client = redis.Redis.from_url(client_url, **client_options)
@@ -196,6 +197,14 @@ class RedisLock(Lock):
         # that nothing happened while the connection was down.
         try:
             return script(keys=keys, args=args)
+        except redis.exceptions.AuthenticationError as exc:
+            raise ConfigError(
+                f"Redis at {self._server} rejected the credentials for the"
+                f" {action} of lock {self.name!r}: {exc}. Check the password and"
+                " user in the lock URL.",
+                lock_name=self.name,
+                backend=self.backend,
+            ) from exc
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise BackendUnavailable(
                 f"Redis at {self._server} did not answer the {action} of lock"
@@ -229,6 +238,26 @@ def _response_error(
 _URL_LOCK_OPTIONS = ("prefix", "guard_after_data_loss")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+
+def _check_url(url: str, name: str) -> None:
+    """Reject what redis-py would silently ignore or fail on later."""
+    parts = urlsplit(url)
+    problem = None
+    try:
+        parts.port  # noqa: B018 - parsing the port validates it
+    except ValueError:
+        problem = "the port is not a number from 0 to 65535"
+    database = parts.path.strip("/")
+    if parts.scheme != "unix" and database and not database.isdigit():
+        problem = f"the database {database!r} is not a number"
+    if problem is not None:
+        raise ConfigError(
+            f"Redis URL {_redact(url)!r} for lock {name!r} is invalid: {problem}."
+            " Use redis://[:PASSWORD@]HOST[:PORT][/DB] or rediss://... for TLS.",
+            lock_name=name,
+            backend=RedisLock.backend,
+        )
 
 
 def _split_url(
