@@ -43,6 +43,9 @@ log = logging.getLogger("singlewriter.lock")
 # Leases taken by ``with lock as lease:``. A context variable keeps each
 # thread's and each asyncio task's leases apart, so one ``with`` block never
 # releases a lease that another thread or task acquired on the same lock.
+# The pause before the first retry of a failed call; later retries back off.
+_FIRST_RETRY_DELAY = 0.05
+
 _entered: contextvars.ContextVar[tuple[Lease, ...]] = contextvars.ContextVar(
     "singlewriter_entered", default=()
 )
@@ -221,17 +224,28 @@ class Lock(abc.ABC):
 
     def _attempt(self, give_up_at: float, owner: str) -> Grant | Busy:
         """Run one attempt, retrying transient errors a bounded number of times."""
+        # The first try runs without tenacity: building a Retrying object
+        # costs more than a Redis round trip, and most attempts succeed.
+        try:
+            return self._try_acquire(self._call_timeout(give_up_at), owner)
+        except BackendUnavailable as exc:
+            if self.retry_attempts == 1 or self.clock() >= give_up_at:
+                raise
+            self._log_failure("acquiring", 1, exc)
+            self.sleep(_FIRST_RETRY_DELAY)
+
         clock = self.clock
 
         def stop_retrying(state: tenacity.RetryCallState) -> bool:
-            return state.attempt_number >= self.retry_attempts or clock() >= give_up_at
+            attempts = state.attempt_number + 1
+            return attempts >= self.retry_attempts or clock() >= give_up_at
 
         retrying = tenacity.Retrying(
             stop=stop_retrying,
             wait=_backoff(2.0),
             retry=tenacity.retry_if_exception_type(BackendUnavailable),
             sleep=self.sleep,
-            before_sleep=self._log_retry,
+            before_sleep=lambda state: self._log_retry("acquiring", state),
             reraise=True,
         )
         return retrying(
@@ -242,14 +256,18 @@ class Lock(abc.ABC):
         remaining = give_up_at - self.clock()
         return max(0.001, min(self.operation_timeout, remaining))
 
-    def _log_retry(self, state: tenacity.RetryCallState) -> None:
+    def _log_retry(self, action: str, state: tenacity.RetryCallState) -> None:
         outcome = state.outcome
         error = outcome.exception() if outcome is not None else None
+        self._log_failure(action, state.attempt_number + 1, error)
+
+    def _log_failure(self, action: str, attempt: int, error: object) -> None:
         log.warning(
-            "acquiring lock %r (%s) failed on attempt %d of %d, retrying: %s",
+            "%s lock %r (%s) failed on attempt %d of %d, retrying: %s",
+            action,
             self.name,
             self.backend,
-            state.attempt_number,
+            attempt,
             self.retry_attempts,
             error,
         )
@@ -265,15 +283,8 @@ class Lock(abc.ABC):
         return lease
 
     def _release_lease(self, lease: Lease) -> bool:
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.retry_attempts),
-            wait=_backoff(1.0),
-            retry=tenacity.retry_if_exception_type(BackendUnavailable),
-            sleep=self.sleep,
-            reraise=True,
-        )
         try:
-            return retrying(self._release, lease, self.operation_timeout)
+            return self._release_with_retries(lease)
         except BackendUnavailable as exc:
             log.warning(
                 "could not release lock %r (token %d): %s. The backend frees it"
@@ -284,6 +295,25 @@ class Lock(abc.ABC):
                 self.ttl,
             )
             return False
+
+    def _release_with_retries(self, lease: Lease) -> bool:
+        try:
+            return self._release(lease, self.operation_timeout)
+        except BackendUnavailable as exc:
+            if self.retry_attempts == 1:
+                raise
+            self._log_failure("releasing", 1, exc)
+            self.sleep(_FIRST_RETRY_DELAY)
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.retry_attempts - 1),
+            wait=_backoff(1.0),
+            retry=tenacity.retry_if_exception_type(BackendUnavailable),
+            sleep=self.sleep,
+            before_sleep=lambda state: self._log_retry("releasing", state),
+            reraise=True,
+        )
+        return retrying(self._release, lease, self.operation_timeout)
 
     def _wait_time(self, busy: Busy, waits: int, remaining: float) -> float:
         # Back off from 10 ms up to poll_interval so that a release is seen

@@ -1,0 +1,1 @@
+"""Benchmarks that compare singlewriter with its peers in one run."""
