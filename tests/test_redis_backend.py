@@ -210,3 +210,27 @@ def test_concurrent_threads_one_lock_object(redis_server: Any) -> None:
         thread.join(timeout=120)
     assert not errors
     assert not overlaps
+
+
+def test_tls_url_with_password(tmp_path: Any) -> None:
+    """rediss:// with a CA file and a password reaches a TLS-only server."""
+    from tests.conftest import unavailable
+    from tests.servers import ServerUnavailable
+    from tests.servers.redis import start_redis
+
+    try:
+        server = start_redis(tmp_path, password="tls-password", tls=True)
+    except ServerUnavailable as exc:
+        unavailable("redis-server", str(exc))
+    try:
+        assert server.url.startswith("rediss://")
+        lock = singlewriter.lock_from_url(server.url, unique_name(), ttl=2.0)
+        with lock.acquire(timeout=10) as lease:
+            assert lease.token > 0
+            lease.ensure_held()
+
+        plain = f"redis://:tls-password@127.0.0.1:{server.port}/0"
+        with pytest.raises(singlewriter.BackendUnavailable):
+            singlewriter.lock_from_url(plain, unique_name(), ttl=2.0).acquire()
+    finally:
+        server.stop()

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from ._common import (
+    CertificateAuthority,
     ServerHandle,
     ServerProcess,
     ServerUnavailable,
@@ -20,10 +21,18 @@ __all__ = ["Redis", "start_redis"]
 class Redis(ServerHandle):
     """A running redis-server; ``restart()`` loses every key on purpose."""
 
-    def __init__(self, workdir: Path, binary: str, *, password: str | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        binary: str,
+        *,
+        password: str | None = None,
+        tls: bool = False,
+    ):
         self.workdir = workdir
         self.port = free_port()
         self.password = password
+        self.ca_path: Path | None = None
         argv = [
             binary,
             "--bind",
@@ -41,11 +50,23 @@ class Redis(ServerHandle):
         ]
         if password is not None:
             argv += ["--requirepass", password]
+        if tls:
+            # Plain TCP off, TLS on the same port, no client certificates.
+            authority = CertificateAuthority(workdir / "tls", "singlewriter test CA")
+            leaf = authority.issue("redis")
+            self.ca_path = authority.cert_path
+            argv[argv.index("--port") + 1] = "0"
+            argv += ["--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            argv += ["--tls-cert-file", str(leaf.cert_path)]
+            argv += ["--tls-key-file", str(leaf.key_path)]
+            argv += ["--tls-ca-cert-file", str(authority.cert_path)]
         self.process = ServerProcess("redis", argv, cwd=workdir, log_dir=workdir)
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.ca_path is not None:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca_path}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
@@ -62,7 +83,7 @@ class Redis(ServerHandle):
 
 
 def start_redis(
-    workdir: str | os.PathLike[str], *, password: str | None = None
+    workdir: str | os.PathLike[str], *, password: str | None = None, tls: bool = False
 ) -> Redis:
     """Start redis-server from PATH (Debian package redis-server)."""
     binary = shutil.which("redis-server")
@@ -71,6 +92,6 @@ def start_redis(
             "redis-server not found on PATH: install it with"
             " `apt-get install redis-server`, as tests/bootstrap does"
         )
-    server = Redis(Path(workdir), binary, password=password)
+    server = Redis(Path(workdir), binary, password=password, tls=tls)
     server.start()
     return server
