@@ -92,7 +92,7 @@ class StaleTokenError(SingleWriterError):
 
 
 class BackendUnavailable(SingleWriterError, ConnectionError):
-    """The lock backend did not answer, or answered with an error, in time.
+    """The lock backend did not respond in time, or responded with an error.
 
     Whether the lock is held is unknown to the caller of acquire: a lease
     that was granted but not reported expires on its ttl. A holder that

@@ -316,8 +316,8 @@ class Lock(abc.ABC):
         return retrying(self._release, lease, self.operation_timeout)
 
     def _wait_time(self, busy: Busy, waits: int, remaining: float) -> float:
-        # Back off from 10 ms up to poll_interval so that a release is seen
-        # quickly without hammering the backend; never sleep past the
+        # Back off from 10 ms up to poll_interval, so that a release is seen
+        # quickly without hammering the backend. Never sleep past the
         # backend's own hint or the caller's timeout.
         delay: float = min(self.poll_interval, 0.01 * 2.0 ** min(waits, 16))
         if busy.retry_after is not None:

@@ -13,7 +13,7 @@ Rules the scheduler keeps for each registered lease:
 - A renewal the backend refuses (another holder, key gone) marks the lease
   lost at once.
 - When the deadline passes with no successful renewal the lease is lost,
-  whatever the backend says later.
+  whatever the backend reports later.
 
 The scheduler keeps weak references: a lease that its caller dropped without
 releasing stops being renewed and expires on the backend after its ttl.

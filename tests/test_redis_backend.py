@@ -133,7 +133,7 @@ def test_unreachable_server_is_unavailable() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     lock = singlewriter.lock_from_url(url, "example.com", ttl=2.0)
     started = time.monotonic()
-    with pytest.raises(singlewriter.BackendUnavailable, match="did not answer"):
+    with pytest.raises(singlewriter.BackendUnavailable, match="did not respond"):
         lock.acquire(timeout=5)
     assert time.monotonic() - started < 10
 

@@ -6,7 +6,7 @@ Rules:
   removed it on release, a waiter that had already opened the old file could
   lock the old inode while a newcomer locks a new one, and both would hold
   "the" lock.
-- ``DIR/NAME.token`` holds the last token issued. It is written only while
+- ``DIR/NAME.token`` contains the last token issued. It is written only while
   the flock is held, and fsynced before the token is handed out, so a token
   is never issued twice, even across a power loss.
 - The kernel drops a flock the moment the last descriptor of its open file
@@ -65,7 +65,7 @@ NETWORK_FILESYSTEMS = frozenset(
 
 # The token file has two slots of this size. Token N goes into slot N % 2,
 # so a torn write can only damage the slot being written, while the other
-# still holds the previous token. A slot is "SWT1", the token and a CRC32.
+# still contains the previous token. A slot is "SWT1", the token and a CRC32.
 _SLOT = struct.Struct("<4sQI")
 _SLOT_SIZE = 64
 _MAGIC = b"SWT1"

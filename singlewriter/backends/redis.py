@@ -3,9 +3,9 @@
 Keys, for prefix P and lock name N (the braces keep both keys in one Redis
 Cluster hash slot):
 
-- ``P:{N}:lock`` holds ``OWNER TOKEN`` with a PX expiry of the ttl.
+- ``P:{N}:lock`` contains ``OWNER TOKEN`` with a PX expiry of the ttl.
   OWNER is 128 random bits chosen per acquisition.
-- ``P:{N}:fence`` holds the last token issued and never expires.
+- ``P:{N}:fence`` contains the last token issued and never expires.
 
 Rules:
 
@@ -207,7 +207,7 @@ class RedisLock(Lock):
             ) from exc
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise BackendUnavailable(
-                f"Redis at {self._server} did not answer the {action} of lock"
+                f"Redis at {self._server} did not respond to the {action} of lock"
                 f" {self.name!r}: {exc}. Check that the server is up and reachable.",
                 lock_name=self.name,
                 backend=self.backend,
