@@ -6,11 +6,13 @@ Rules every function here keeps:
   private key is never readable by others, not even for the first byte.
   A secret file's mode is checked with fstat and never changed afterwards.
 * Every file is fsynced before it is renamed into place, and the directory
-  is fsynced after the rename (Pillai et al., "All File Systems Are Not
-  Created Equal", OSDI 2014).
+  is fsynced after the rename. Without the first fsync a crash can leave the
+  new name pointing at an empty file; without the second the rename itself
+  may be lost.
 * A failed write, fsync or close fails the whole operation. An fsync is never
-  retried: after an error, Linux may have dropped the dirty pages and a
-  second fsync can report success for data that never reached the disk.
+  retried: after a writeback error Linux may mark the dirty pages clean and
+  report the error only once, so a second fsync can succeed for data that
+  never reached the disk.
 * Cleanup runs only in ``except Exception``. A simulated process death (any
   BaseException) leaves the filesystem exactly as a real crash would.
 """
@@ -120,8 +122,8 @@ def _write_all(fs: FileSystem, fd: int, data: bytes) -> None:
     while view:
         written = fs.write(fd, view)
         if written <= 0:
-            # write(2) returns 0 only when nothing could be stored, which on a
-            # regular file means the disk is full.
+            # A regular file reports a full disk as ENOSPC or a short write.
+            # A write of 0 bytes would loop forever, so it counts as ENOSPC.
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         view = view[written:]
 
@@ -181,7 +183,7 @@ def create_file(
         fs.close(fd)
     except OSError as exc:
         # close(2) releases the descriptor even when it reports an error, so
-        # it is not closed again. On NFS a close error means lost data.
+        # it is not closed again. NFS reports delayed write errors at close.
         remove_quietly(fs, path)
         raise failure("closing", path, exc) from exc
 
@@ -236,10 +238,8 @@ def remove_tree(fs: FileSystem, directory: Path, first: str | None = None) -> No
         names.insert(0, first)
 
     for name in names:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             fs.unlink(directory / name)
-        except FileNotFoundError:
-            pass
     fs.rmdir(directory)
 
 
@@ -260,9 +260,10 @@ def atomic_write(
     StoreError is raised instead of calling fchmod. A symlink at ``path`` is
     replaced by the file, its target is left alone.
 
-    Raises StoreError when any step fails. ``path`` then still contains the
-    old content, and a temporary file named ``.NAME.tmp-*`` may be left only
-    if the process dies in the middle.
+    Raises StoreError when a step fails. Up to the rename, ``path`` still
+    contains the old content. If only the final directory fsync fails, the
+    new content is in place but may not survive a power loss. A process
+    that dies part way may leave a temporary file named ``.NAME.tmp-*``.
     """
     fs = fs if fs is not None else FileSystem()
     target = Path(path)
@@ -288,8 +289,14 @@ def store_lock(path: Path) -> Iterator[None]:
     next two lockers lock different inodes at the same time. flock gives no
     exclusion between NFS clients, so a store on NFS needs one writer host.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise failure("opening lock file", path, exc) from exc
+
+    try:
+        # TODO: add a timeout; a writer whose deploy hook hangs blocks the
+        # next writer here for as long as the hook runs.
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:

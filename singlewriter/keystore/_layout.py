@@ -40,7 +40,7 @@ POINTER_NAME = "..current"
 GENERATION_PREFIX = "..gen-"
 STORE_TEMP_PREFIX = "..tmp-"
 LOCK_NAME = ".lock"
-TOKEN_NAME = ".token"
+TOKEN_NAME = ".token"  # noqa: S105 (a file name, not a secret)
 
 MANIFEST_NAME = ".manifest.json"
 DEPLOY_MARKER_NAME = ".deploy-pending"

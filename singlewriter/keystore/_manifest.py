@@ -180,7 +180,11 @@ def _parse_manifest(raw: bytes) -> Manifest:
 
 
 def open_directory(path: Path) -> int:
-    """Open a directory for reading, following symlinks exactly once."""
+    """Open a directory for reading and return its descriptor.
+
+    A symlink at ``path`` is resolved by this one call, so every read through
+    the descriptor stays in the directory it named at that moment.
+    """
     return os.open(path, _DIRECTORY_FLAGS)
 
 

@@ -77,6 +77,9 @@ def check_store_path(path: Path) -> Path:
 
     Returns the absolute form of ``path`` without resolving symlinks, so the
     live names keep the spelling the caller configured.
+
+    NOTE: group-writable directories pass, and the chain is checked once at
+    open, not again before each commit.
     """
     store = Path(os.path.abspath(path))
     pending = list(reversed(store.parts[1:]))

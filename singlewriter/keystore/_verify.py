@@ -26,6 +26,9 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from singlewriter._errors import ConfigError, VerificationError
 
 __all__ = [
+    "CERT_NAME",
+    "CHAIN_NAME",
+    "FULLCHAIN_NAME",
     "KEY_NAME",
     "check_validity_period",
     "decrypt_private_key",
@@ -132,9 +135,7 @@ def _check_issued_by(
         ) from exc
 
 
-def _check_chain(
-    certificate: x509.Certificate, chain: list[x509.Certificate]
-) -> None:
+def _check_chain(certificate: x509.Certificate, chain: list[x509.Certificate]) -> None:
     _check_issued_by(certificate, f"the certificate in {CERT_NAME}", chain[0], 0)
     for index in range(len(chain) - 1):
         place = f"certificate {index + 1} of {CHAIN_NAME}"
