@@ -24,14 +24,27 @@ from ._lock import Busy, Grant, Lock
 from ._scheduler import Scheduler
 from ._signals import Terminated, raise_on_signals
 from ._urls import lock_from_url
+from .keystore import (
+    REQUIRED_NAMES,
+    DeployHook,
+    FileSystem,
+    Generation,
+    KeyStore,
+    atomic_write,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "REQUIRED_NAMES",
     "BackendUnavailable",
     "Busy",
     "ConfigError",
+    "DeployHook",
+    "FileSystem",
+    "Generation",
     "Grant",
+    "KeyStore",
     "Lease",
     "Lock",
     "LockBusy",
@@ -43,6 +56,7 @@ __all__ = [
     "StoreError",
     "Terminated",
     "VerificationError",
+    "atomic_write",
     "lock_from_url",
     "raise_on_signals",
     "single_writer",
