@@ -46,6 +46,9 @@ log = logging.getLogger("singlewriter.lock")
 # The pause before the first retry of a failed call; later retries back off.
 _FIRST_RETRY_DELAY = 0.05
 
+# The shortest time one backend call of an acquisition attempt is given.
+_MIN_CALL_TIMEOUT = 1.0
+
 _entered: contextvars.ContextVar[tuple[Lease, ...]] = contextvars.ContextVar(
     "singlewriter_entered", default=()
 )
@@ -150,9 +153,11 @@ class Lock(abc.ABC):
         """Acquire the lock and return a new Lease.
 
         ``timeout`` (seconds) bounds the wait when ``blocking``; None waits
-        until the lock is free. Raise LockTimeout when it runs out, LockBusy
-        when ``blocking`` is False and another holder has the lock, and
-        BackendUnavailable when transient errors persist past the retries.
+        until the lock is free. The last attempt may end up to one second
+        (one backend call) after the timeout. Raise LockTimeout when it runs
+        out, LockBusy when ``blocking`` is False and another holder has the
+        lock, and BackendUnavailable when transient errors persist past the
+        retries.
         """
         if timeout is not None and timeout < 0:
             raise ConfigError(
@@ -253,8 +258,11 @@ class Lock(abc.ABC):
         )
 
     def _call_timeout(self, give_up_at: float) -> float:
+        # A call cut short by the caller's timeout would turn "busy" into a
+        # spurious BackendUnavailable, so the last attempt still gets up to
+        # one second; acquire() may return that much after its timeout.
         remaining = give_up_at - self.clock()
-        return max(0.001, min(self.operation_timeout, remaining))
+        return min(self.operation_timeout, max(remaining, _MIN_CALL_TIMEOUT))
 
     def _log_retry(self, action: str, state: tenacity.RetryCallState) -> None:
         outcome = state.outcome

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from typing import Any, Protocol
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit
 
 from ._errors import ConfigError
 from ._lock import Lock
@@ -23,6 +23,7 @@ _BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "rediss": ("singlewriter.backends.redis", "RedisLock", "redis"),
     "unix": ("singlewriter.backends.redis", "RedisLock", "redis"),
     "consul": ("singlewriter.backends.consul", "ConsulLock", "consul"),
+    "consuls": ("singlewriter.backends.consul", "ConsulLock", "consul"),
     "k8s": ("singlewriter.backends.kubernetes", "KubernetesLock", "kubernetes"),
 }
 
@@ -41,8 +42,9 @@ def lock_from_url(
     missing extra or a bad parameter.
     """
     if not isinstance(url, str) or "://" not in url:
+        shown = _redacted(url) if isinstance(url, str) else repr(url)
         raise ConfigError(
-            f"lock URL {url!r} is invalid: expected SCHEME://..., with a scheme"
+            f"lock URL {shown!r} is invalid: expected SCHEME://..., with a scheme"
             f" among {', '.join(sorted(_BACKENDS))}",
             lock_name=name,
         )
@@ -78,22 +80,23 @@ def _file_lock(url: str, name: str | None, **options: Any) -> Lock:
     from .backends.file import FileLock
 
     parts = urlsplit(url)
+    shown = _redacted(url)
     if parts.netloc not in ("", "localhost"):
         raise ConfigError(
-            f"file lock URL {url!r} names host {parts.netloc!r}; a flock lock only"
-            " works on this host, so use file:///ABSOLUTE/DIR",
+            f"file lock URL {shown!r} names host {parts.hostname!r}; a flock lock"
+            " only works on this host, so use file:///ABSOLUTE/DIR",
             lock_name=name,
         )
     if name is None:
         raise ConfigError(
-            f"file lock URL {url!r} needs a lock name; pass name='example.com'"
+            f"file lock URL {shown!r} needs a lock name; pass name='example.com'"
         )
 
     query = parse_qs(parts.query, keep_blank_values=True)
     unknown = sorted(set(query) - {"allow_network_fs"})
     if unknown:
         raise ConfigError(
-            f"file lock URL {url!r} has unknown parameters {unknown}; the only"
+            f"file lock URL {shown!r} has unknown parameters {unknown}; the only"
             " accepted parameter is allow_network_fs=1",
             lock_name=name,
         )
@@ -108,12 +111,25 @@ def _flag(value: str, url: str) -> bool:
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise ConfigError(f"flag value {value!r} in {url!r} is invalid; use 1 or 0")
+    raise ConfigError(
+        f"flag value {value!r} in {_redacted(url)!r} is invalid; use 1 or 0"
+    )
 
 
 def _redacted(url: str) -> str:
+    """Return ``url`` with its password and any token parameter hidden."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+    if parts.password is not None:
+        host = parts.netloc.rsplit("@", 1)[-1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if parts.query:
+        query = [
+            (key, "***" if key.lower() in _SECRET_PARAMETERS else value)
+            for key, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return parts.geturl()
+
+
+# Query parameters whose values are credentials.
+_SECRET_PARAMETERS = frozenset({"token", "password", "secret"})

@@ -11,7 +11,11 @@ import pytest
 
 from tests.servers import ServerUnavailable
 
-pytest_plugins = ["tests.fixtures_consul", "tests.fixtures_kube"]
+pytest_plugins = [
+    "tests.fixtures_consul",
+    "tests.fixtures_kube",
+    "tests.fixtures_pebble",
+]
 
 REQUIRE_SERVERS = os.environ.get("SINGLEWRITER_REQUIRE_SERVERS") == "1"
 
