@@ -35,8 +35,21 @@ from .keystore import (
 
 __version__ = "0.1.0"
 
+# The ACME renewal needs the optional ``acme`` extra, so its names are
+# imported on first use rather than with the package.
+_ACME_NAMES = frozenset({"ACMEError", "RenewalResult", "renew"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _ACME_NAMES:
+        from . import acme
+
+        return getattr(acme, name)
+    raise AttributeError(f"module 'singlewriter' has no attribute {name!r}")
+
 __all__ = [
     "REQUIRED_NAMES",
+    "ACMEError",
     "BackendUnavailable",
     "Busy",
     "ConfigError",
@@ -50,6 +63,7 @@ __all__ = [
     "LockBusy",
     "LockLost",
     "LockTimeout",
+    "RenewalResult",
     "Scheduler",
     "SingleWriterError",
     "StaleTokenError",
@@ -59,5 +73,6 @@ __all__ = [
     "atomic_write",
     "lock_from_url",
     "raise_on_signals",
+    "renew",
     "single_writer",
 ]
