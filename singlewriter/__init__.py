@@ -47,6 +47,7 @@ def __getattr__(name: str) -> object:
         return getattr(acme, name)
     raise AttributeError(f"module 'singlewriter' has no attribute {name!r}")
 
+
 __all__ = [
     "REQUIRED_NAMES",
     "ACMEError",

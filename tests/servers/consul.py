@@ -52,13 +52,13 @@ class Consul(ServerHandle):
         return f"http://{self.http_addr}"
 
     def request_headers(self) -> dict[str, str]:
-        """Return the headers that authenticate as the management token, if ACLs are on."""
+        """Return headers that authenticate as the management token, if ACLs are on."""
         if self.management_token is None:
             return {}
         return {"X-Consul-Token": self.management_token}
 
     def start(self) -> None:
-        """Start the agent and wait until it has a leader (and, with ACLs, its token works)."""
+        """Start the agent and wait for a leader (and, with ACLs, a working token)."""
         self.process.start()
         try:
             self._wait_until_ready()

@@ -79,7 +79,7 @@ class Kube(ServerHandle):
         return f"http://{LOOPBACK}:{self.etcd_client_port}"
 
     def token_for(self, user: str) -> str:
-        """Return the bearer token of ``user``: "admin", "limited" or a full user name."""
+        """Return the bearer token of ``user``: "admin", "limited" or a user name."""
         if user in ("admin", ADMIN_USER):
             return self.admin_token
         if user in ("limited", LIMITED_USER):
@@ -193,7 +193,7 @@ class Kube(ServerHandle):
             raise
 
     def stop_apiserver(self) -> None:
-        """Stop kube-apiserver only, so etcd keeps the data for a later start_apiserver()."""
+        """Stop kube-apiserver only; etcd keeps the data for start_apiserver()."""
         self.apiserver_process.stop()
 
     def stop(self) -> None:
@@ -227,7 +227,7 @@ def _write_service_account_key(directory: Path) -> tuple[Path, Path]:
 
 
 def start_kube(workdir: str | os.PathLike[str], *, timeout: float = 90.0) -> Kube:
-    """Start etcd and kube-apiserver on free loopback ports and wait until /readyz is ok.
+    """Start etcd and kube-apiserver on free loopback ports; wait for /readyz.
 
     Data, certificates, tokens and logs go under ``workdir``/kube. Raises
     ServerUnavailable when a binary is missing or a server does not become

@@ -76,7 +76,7 @@ class Pebble(ServerHandle):
 
     @property
     def ca_bundle_path(self) -> str:
-        """PEM file of the CA that signed the ACME and management listener certificate."""
+        """PEM file of the CA that signed the ACME and management listeners."""
         return str(self._authority.cert_path)
 
     @property
