@@ -44,10 +44,17 @@ def single_writer(
     """
 
     def decorate(job: F) -> F:
-        if inspect.iscoroutinefunction(job):
+        if inspect.iscoroutinefunction(job) or inspect.isasyncgenfunction(job):
             raise TypeError(
-                f"single_writer cannot wrap coroutine function {job.__qualname__};"
+                f"single_writer cannot wrap async function {job.__qualname__};"
                 " acquire the lock with asyncio.to_thread(lock.acquire) instead"
+            )
+        if inspect.isgeneratorfunction(job):
+            # The body of a generator runs only when it is iterated, after
+            # the wrapper has already released the lock.
+            raise TypeError(
+                f"single_writer cannot wrap generator function {job.__qualname__};"
+                " hold the lock with `with lock as lease:` inside the generator"
             )
         resolved: list[Lock] = []
         guard = threading.Lock()

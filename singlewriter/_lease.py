@@ -90,7 +90,7 @@ class Lease:
 
     @property
     def on_lost(self) -> LostCallback | None:
-        """Callback run once, from the renewal thread, when the lease is lost."""
+        """Callback run once, in a new thread, when the lease is lost."""
         return self._on_lost
 
     @on_lost.setter
@@ -138,6 +138,10 @@ class Lease:
             raise self._lost_error("the lease was already released")
         if self._deadline is not None and self.lock.clock() >= self._deadline:
             self._mark_lost("the lease deadline passed without a renewal")
+        if self._state == _HELD:
+            reason = self.lock._check_held(self)
+            if reason is not None:
+                self._mark_lost(reason)
         if self._state == _LOST:
             raise self._lost_error(f"the lease was lost: {self.lost_reason}")
 
@@ -227,7 +231,14 @@ class Lease:
         self.lock._lease_lost(self)
         callback = self._on_lost
         if callback is not None:
-            self._call_on_lost(callback)
+            # A thread of its own, so that a slow callback cannot delay the
+            # renewal of other leases on the shared scheduler thread.
+            threading.Thread(
+                target=self._call_on_lost,
+                args=(callback,),
+                name=f"singlewriter-on-lost-{self.name}",
+                daemon=True,
+            ).start()
 
     def _call_on_lost(self, callback: LostCallback) -> None:
         try:

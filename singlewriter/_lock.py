@@ -46,6 +46,12 @@ log = logging.getLogger("singlewriter.lock")
 # The pause before the first retry of a failed call; later retries back off.
 _FIRST_RETRY_DELAY = 0.05
 
+# The ttl range of leases that expire: below 0.1 s a lease is lost before
+# its first renewal on a busy host, and 30 days bounds every backend's
+# expiry arithmetic (Redis PX in ms, Kubernetes int32 seconds).
+_MIN_TTL = 0.1
+_MAX_TTL = 30 * 24 * 3600.0
+
 # The shortest time one backend call of an acquisition attempt is given.
 _MIN_CALL_TIMEOUT = 1.0
 
@@ -159,7 +165,7 @@ class Lock(abc.ABC):
         lock, and BackendUnavailable when transient errors persist past the
         retries.
         """
-        if timeout is not None and timeout < 0:
+        if timeout is not None and not _is_seconds(timeout, allow_zero=True):
             raise ConfigError(
                 f"timeout={timeout!r} for lock {self.name!r} is invalid; use a"
                 " number of seconds >= 0, or None to wait without limit",
@@ -174,7 +180,16 @@ class Lock(abc.ABC):
 
         while True:
             sent = clock()
-            result = self._attempt(give_up_at, owner)
+            try:
+                result = self._attempt(give_up_at, owner)
+            except Exception:
+                raise
+            except BaseException:
+                # A signal (Terminated, KeyboardInterrupt) may have arrived
+                # after the backend granted the lock but before the reply
+                # was read: give back whatever this owner may hold.
+                self._abandon_attempt(owner)
+                raise
             if isinstance(result, Grant):
                 return self._grant(result, sent)
 
@@ -189,7 +204,12 @@ class Lock(abc.ABC):
 
     def __enter__(self) -> Lease:
         lease = self.acquire()
-        _entered.set((*_entered.get(), lease))
+        try:
+            _entered.set((*_entered.get(), lease))
+        except BaseException:
+            # __exit__ does not run when __enter__ raises.
+            lease.release()
+            raise
         return lease
 
     def __exit__(
@@ -220,6 +240,22 @@ class Lock(abc.ABC):
     @abc.abstractmethod
     def _release(self, lease: Lease, timeout: float) -> bool:
         """Free the lock if ``lease`` still holds it; return whether it did."""
+
+    def _abandon_attempt(self, owner: str) -> None:
+        """Free the lock if an interrupted attempt of ``owner`` got it.
+
+        Best effort, for backends whose grant could be lost with its reply;
+        the default does nothing and the lock expires on its ttl.
+        """
+        return None
+
+    def _check_held(self, lease: Lease) -> str | None:
+        """Return why ``lease`` is certainly no longer held, or None.
+
+        Called by ``Lease.ensure_held()``; it must be cheap and make no
+        network call.
+        """
+        return None
 
     def _lease_lost(self, lease: Lease) -> None:
         """Hook for backends and metrics: ``lease`` was just marked lost."""
@@ -282,9 +318,13 @@ class Lock(abc.ABC):
 
     def _grant(self, grant: Grant, sent: float) -> Lease:
         lease = Lease(self, grant.token, sent_at=sent, data=grant.data)
-        lease.on_lost = self.on_lost
-        if self.renews and self.ttl is not None:
-            self.scheduler.register(lease)
+        try:
+            lease.on_lost = self.on_lost
+            if self.renews and self.ttl is not None:
+                self.scheduler.register(lease)
+        except BaseException:
+            lease.release()
+            raise
         log.info(
             "acquired lock %r (%s) with token %d", self.name, self.backend, grant.token
         )
@@ -351,6 +391,14 @@ class Lock(abc.ABC):
         )
 
 
+def _is_seconds(value: object, *, allow_zero: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if not math.isfinite(value):
+        return False
+    return value >= 0 if allow_zero else value > 0
+
+
 def _check_ttl(ttl: float | None, renews: bool, name: str) -> float | None:
     if ttl is None:
         if renews:
@@ -361,7 +409,14 @@ def _check_ttl(ttl: float | None, renews: bool, name: str) -> float | None:
                 lock_name=name,
             )
         return None
-    return _positive("ttl", ttl, 30.0, name)
+    seconds = _positive("ttl", ttl, 30.0, name)
+    if renews and not _MIN_TTL <= seconds <= _MAX_TTL:
+        raise ConfigError(
+            f"ttl={ttl!r} for lock {name!r} is out of range; use {_MIN_TTL} to"
+            f" {_MAX_TTL:.0f} seconds (30 days)",
+            lock_name=name,
+        )
+    return seconds
 
 
 def _positive(field: str, value: float | None, default: float, name: str) -> float:
@@ -389,6 +444,13 @@ def _non_negative(field: str, value: float | None, default: float, name: str) ->
 
 
 def _check_timing(ttl: float, renew_interval: float, margin: float, name: str) -> None:
+    if margin >= ttl:
+        raise ConfigError(
+            f"lock {name!r}: safety_margin={margin} s must be shorter than the"
+            f" ttl of {ttl} s",
+            lock_name=name,
+        )
+
     # The holder must renew at least once before it would count its own
     # lease as lost, with room for one retry in between.
     if renew_interval >= ttl - margin:
@@ -396,11 +458,5 @@ def _check_timing(ttl: float, renew_interval: float, margin: float, name: str) -
             f"lock {name!r}: renew_interval={renew_interval} s must be shorter"
             f" than ttl - safety_margin = {ttl - margin} s; use a renew_interval"
             " of about ttl/3",
-            lock_name=name,
-        )
-    if margin >= ttl:
-        raise ConfigError(
-            f"lock {name!r}: safety_margin={margin} s must be shorter than the"
-            f" ttl of {ttl} s",
             lock_name=name,
         )

@@ -158,6 +158,9 @@ class Scheduler:
         delay = self._backoff(state)
         now = self.clock()
         deadline = lease._deadline if lease._deadline is not None else now + delay
+        if now >= deadline:
+            lease._mark_lost(f"no renewal succeeded before the lease deadline: {exc}")
+            return
         lease._renew_at = min(now + delay, deadline)
         log.warning(
             "renewing lock %r (token %d) failed, attempt %d, retrying in %.2f s,"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+import re
 from typing import Any, Protocol
 from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit
 
@@ -48,7 +50,12 @@ def lock_from_url(
             f" among {', '.join(sorted(_BACKENDS))}",
             lock_name=name,
         )
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as exc:
+        raise ConfigError(
+            f"lock URL {_redacted(url)!r} is invalid: {exc}", lock_name=name
+        ) from exc
     if scheme not in _BACKENDS:
         raise ConfigError(
             f"lock URL scheme {scheme!r} in {_redacted(url)!r} is not supported;"
@@ -56,9 +63,32 @@ def lock_from_url(
             lock_name=name,
         )
     if scheme == "file":
+        from .backends.file import FileLock
+
+        _check_options(FileLock, options, name)
         return _file_lock(url, name, ttl=ttl, **options)
     factory = _load(scheme, name)
     return factory(url, name, ttl=ttl, **options)
+
+
+def _check_options(cls: type, options: dict[str, Any], name: str | None) -> None:
+    """Reject keyword options that neither the backend nor Lock accepts."""
+    accepted: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            accepted |= set(inspect.signature(init).parameters)
+    from_url = getattr(cls, "from_url", None)
+    if from_url is not None:
+        accepted |= set(inspect.signature(from_url).parameters)
+    accepted -= {"self", "options", "url", "name", "client", "directory"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {', '.join(unknown)} for a {cls.__name__}; the"
+            f" accepted options are {', '.join(sorted(accepted))}",
+            lock_name=name,
+        )
 
 
 def _load(scheme: str, name: str | None) -> _FromUrl:
@@ -72,8 +102,14 @@ def _load(scheme: str, name: str | None) -> _FromUrl:
             f" pip install 'singlewriter[{extra}]'",
             lock_name=name,
         ) from exc
-    from_url: _FromUrl = getattr(module, class_name).from_url
-    return from_url
+    cls = getattr(module, class_name)
+
+    def build(url: str, name: str | None, **options: Any) -> Lock:
+        _check_options(cls, options, name)
+        lock: Lock = cls.from_url(url, name, **options)
+        return lock
+
+    return build
 
 
 def _file_lock(url: str, name: str | None, **options: Any) -> Lock:
@@ -118,8 +154,12 @@ def _flag(value: str, url: str) -> bool:
 
 def _redacted(url: str) -> str:
     """Return ``url`` with its password and any token parameter hidden."""
-    parts = urlsplit(url)
-    if parts.password is not None:
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return re.sub(r"//[^@/]*@", "//***@", url)
+    if password is not None:
         host = parts.netloc.rsplit("@", 1)[-1]
         parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
     if parts.query:

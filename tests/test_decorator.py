@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,19 @@ def test_sigterm_runs_finally_and_exits_143(tmp_path: Path) -> None:
     singlewriter.lock_from_url(f"file://{tmp_path}", "job").acquire(
         blocking=False
     ).release()
+
+
+def test_generator_functions_rejected(lock_url: str) -> None:
+    """A generator's body would run after the lock was released."""
+    decorate = singlewriter.single_writer(lock_url, name="job")
+
+    def numbers() -> Iterator[int]:
+        yield 1
+
+    async def async_numbers() -> AsyncIterator[int]:
+        yield 1
+
+    with pytest.raises(TypeError, match="generator"):
+        decorate(numbers)
+    with pytest.raises(TypeError, match="async"):
+        decorate(async_numbers)

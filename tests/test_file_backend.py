@@ -175,3 +175,58 @@ def test_symlinked_lock_file_not_followed(lock_dir: Path, tmp_path: Path) -> Non
     with pytest.raises(singlewriter.ConfigError, match="symbolic links"):
         FileLock(lock_dir, "example.com").acquire()
     assert target.read_text() == "do not touch"
+
+
+def test_lock_file_removed_while_held_is_lost(lock_dir: Path) -> None:
+    """Removing the lock file under a holder makes its ensure_held() fail."""
+    lock = FileLock(lock_dir, "example.com")
+    lease = lock.acquire()
+    (lock_dir / "example.com.lock").unlink()
+
+    newcomer = FileLock(lock_dir, "example.com").acquire(blocking=False)
+    with pytest.raises(singlewriter.LockLost, match="removed or replaced"):
+        lease.ensure_held()
+    assert newcomer.token > lease.token
+    newcomer.release()
+
+
+def test_files_owned_by_other_user_rejected(lock_dir: Path) -> None:
+    """Lock files another user created could be rewritten by that user."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a file owned by another user")
+    (lock_dir / "example.com.lock").touch()
+    os.chown(lock_dir / "example.com.lock", 65534, 65534)
+
+    with pytest.raises(singlewriter.ConfigError, match="owned by uid 65534"):
+        FileLock(lock_dir, "example.com").acquire(blocking=False)
+
+
+def test_foreign_token_file_rejected(lock_dir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a file owned by another user")
+    (lock_dir / "example.com.token").touch()
+    os.chown(lock_dir / "example.com.token", 65534, 65534)
+
+    with pytest.raises(singlewriter.ConfigError, match="owned by uid 65534"):
+        FileLock(lock_dir, "example.com").acquire(blocking=False)
+    # The failed attempt left the lock free.
+    (lock_dir / "example.com.token").unlink()
+    FileLock(lock_dir, "example.com").acquire(blocking=False).release()
+
+
+def test_dropped_lease_frees_flock(lock_dir: Path) -> None:
+    """A lease dropped without release() frees the lock once collected."""
+    import gc
+
+    lock = FileLock(lock_dir, "example.com")
+    lock.acquire()
+    gc.collect()
+
+    lock.acquire(blocking=False).release()
+
+
+def test_lock_path_that_is_directory_rejected(lock_dir: Path) -> None:
+    """A permanent filesystem problem is a ConfigError, not retried."""
+    (lock_dir / "example.com.lock").mkdir()
+    with pytest.raises(singlewriter.ConfigError, match=r"example\.com\.lock"):
+        FileLock(lock_dir, "example.com").acquire(blocking=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 
 import pytest
 
@@ -121,7 +122,13 @@ def test_refused_renewal_marks_lost_and_calls_back(
     lock = make_lock(scheduler)
     lease = lock.acquire()
     seen: list[Lease] = []
-    lease.on_lost = seen.append
+    called = threading.Event()
+
+    def on_lost(lost: Lease) -> None:
+        seen.append(lost)
+        called.set()
+
+    lease.on_lost = on_lost
     lock.renew_results = [False]
 
     clock.advance(10.0)
@@ -129,6 +136,7 @@ def test_refused_renewal_marks_lost_and_calls_back(
         scheduler.run_due()
 
     assert lease.lost.is_set()
+    assert called.wait(timeout=10)
     assert seen == [lease]
     assert "lost lock 'example.com'" in caplog.text
     with pytest.raises(singlewriter.LockLost):
@@ -168,6 +176,29 @@ def test_retry_that_succeeds_keeps_lease(
 
     assert lock.renew_calls == 2
     assert lease.held
+
+
+def test_blocking_on_lost_does_not_stall_renewals(
+    clock: FakeClock, scheduler: Scheduler
+) -> None:
+    """One callback that never returns must not stop other leases renewing."""
+    lock = make_lock(scheduler)
+    other_lock = MemoryLock("other.example", ttl=30.0, scheduler=scheduler)
+    doomed = lock.acquire()
+    healthy = other_lock.acquire()
+    release_callback = threading.Event()
+    doomed.on_lost = lambda lease: release_callback.wait()
+    lock.renew_results = [False]
+
+    clock.advance(10.0)
+    scheduler.run_due()
+    clock.advance(10.0)
+    scheduler.run_due()
+
+    assert doomed.lost.is_set()
+    assert other_lock.renew_calls == 2
+    assert healthy.held
+    release_callback.set()
 
 
 def test_on_lost_set_after_loss_still_called(
@@ -230,6 +261,9 @@ def test_each_acquire_returns_new_lease(scheduler: Scheduler) -> None:
         ({"ttl": "30"}, "number of seconds"),
         ({"ttl": 3.0, "renew_interval": 3.0}, "renew_interval"),
         ({"ttl": 3.0, "safety_margin": 3.0}, "safety_margin"),
+        ({"ttl": 3.0, "safety_margin": 5.0}, "safety_margin"),
+        ({"ttl": 1e-9}, "out of range"),
+        ({"ttl": 1e308}, "out of range"),
         ({"retry_attempts": 0}, "retry_attempts"),
     ],
 )
@@ -246,9 +280,10 @@ def test_bad_lock_names_rejected(name: object) -> None:
         MemoryLock(name)  # type: ignore[arg-type]
 
 
-def test_negative_timeout_rejected(scheduler: Scheduler) -> None:
+@pytest.mark.parametrize("timeout", [-1, float("nan"), "1", True])
+def test_bad_timeout_rejected(scheduler: Scheduler, timeout: object) -> None:
     with pytest.raises(singlewriter.ConfigError, match="timeout"):
-        make_lock(scheduler).acquire(timeout=-1)
+        make_lock(scheduler).acquire(timeout=timeout)  # type: ignore[arg-type]
 
 
 def test_transient_acquire_errors_are_retried_bounded(scheduler: Scheduler) -> None:

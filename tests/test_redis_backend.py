@@ -234,3 +234,94 @@ def test_tls_url_with_password(tmp_path: Any) -> None:
             singlewriter.lock_from_url(plain, unique_name(), ttl=2.0).acquire()
     finally:
         server.stop()
+
+
+def test_restart_from_old_snapshot_keeps_exclusion(fresh_redis: Any) -> None:
+    """A restart that loads an RDB with the fence but not the lock key must
+    not let a second holder in before the old holder's deadline."""
+    ttl = 3.0
+    name = unique_name()
+    admin = redis.Redis.from_url(fresh_redis.url)
+    lock = singlewriter.lock_from_url(fresh_redis.url, name, ttl=ttl)
+    lock.acquire(timeout=30).release()
+    admin.save()  # the snapshot has the fence key and no lock key
+    admin.close()
+
+    old = lock.acquire(timeout=30)
+    fresh_redis.kill()
+    fresh_redis.start()
+
+    successor = Worker(fresh_redis.url, name, ttl)
+    try:
+        event = successor.request("acquire 30")
+    finally:
+        successor.close()
+    assert event["event"] == "acquired"
+    assert old.deadline is not None
+    assert event["at"] > old.deadline
+    assert event["token"] > old.token
+
+
+def test_unix_socket_url(fresh_redis: Any) -> None:
+    """unix:///PATH reaches Redis over its Unix socket."""
+    url = f"unix://{fresh_redis.socket_path}?db=0"
+    lock = singlewriter.lock_from_url(url, unique_name(), ttl=2.0)
+    with lock.acquire(timeout=30) as lease:
+        lease.ensure_held()
+
+
+def test_interrupted_acquire_frees_grant(redis_server: Any) -> None:
+    """A signal that lands after the grant but before the lease exists must
+    not leave the lock taken until its ttl."""
+
+    class Interrupted(RedisLock):
+        def _try_acquire(self, timeout: float, owner: str) -> Any:
+            super()._try_acquire(timeout, owner)
+            raise KeyboardInterrupt
+
+    client = redis.Redis.from_url(redis_server.url)
+    name = unique_name()
+    # The restart guard is off so that the first attempt is granted.
+    lock = Interrupted(client, name, ttl=30.0, guard_after_data_loss=False)
+    with pytest.raises(KeyboardInterrupt):
+        lock.acquire(timeout=30)
+
+    plain = RedisLock(client, name, ttl=30.0, guard_after_data_loss=False)
+    plain.acquire(blocking=False).release()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://127.0.0.1:{port}/0?bogus=1", "bogus"),
+        ("redis://[::1/0", "invalid"),
+    ],
+)
+def test_bad_redis_url_options(url: str, message: str) -> None:
+    with pytest.raises(singlewriter.ConfigError, match=message):
+        singlewriter.lock_from_url(url.format(port=free_port()), "example.com")
+
+
+def test_unknown_keyword_option_rejected() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(singlewriter.ConfigError, match="unknown option"):
+        singlewriter.lock_from_url(url, "example.com", colour="blue")
+
+
+def test_database_out_of_range_is_config_error(redis_server: Any) -> None:
+    url = redis_server.url.rsplit("/", 1)[0] + "/99999"
+    started = time.monotonic()
+    with pytest.raises(singlewriter.ConfigError, match="no such database"):
+        singlewriter.lock_from_url(url, unique_name(), ttl=2.0).acquire(timeout=5)
+    assert time.monotonic() - started < 2, "a permanent error must not be retried"
+
+
+def test_acl_without_eval_is_config_error(redis_server: Any) -> None:
+    """A user that may not run scripts gets a clear permission error."""
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.acl_setuser(
+        "no-scripts", enabled=True, passwords=["+pw"], keys=["*"], commands=["+get"]
+    )
+    url = redis_server.url.replace("redis://", "redis://no-scripts:pw@")
+    with pytest.raises(singlewriter.ConfigError, match="rejected"):
+        singlewriter.lock_from_url(url, unique_name(), ttl=2.0).acquire(timeout=5)

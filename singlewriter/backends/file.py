@@ -71,12 +71,35 @@ _SLOT_SIZE = 64
 _MAGIC = b"SWT1"
 
 
+class _Flock:
+    """An open, flocked lock file descriptor, closed when the lease is dropped.
+
+    Closing the descriptor releases the flock, so a lease that its caller
+    dropped without release() frees the lock when it is garbage collected
+    instead of keeping it until the process exits.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+        self.pid = os.getpid()
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        # A forked child closing its copy would not release the parent's
+        # lock, but there is no reason for it to keep the copy open either.
+        self.close()
+
+
 class FileLock(Lock):
     """An flock(2)-based lock in directory ``directory`` for processes on one host.
 
-    ``ttl`` is accepted for a uniform API but has no effect: the kernel
-    releases the lock when the holder dies. See the module docstring for
-    what this lock does and does not exclude.
+    ``ttl`` is accepted for a uniform API and ignored (the lock's ``ttl``
+    is None): the kernel releases the lock when the holder dies. See the
+    module docstring for what this lock does and does not exclude.
     """
 
     backend = "file"
@@ -93,7 +116,7 @@ class FileLock(Lock):
         mountinfo: str = "/proc/self/mountinfo",
         **options: Any,
     ) -> None:
-        super().__init__(name, ttl=ttl, **options)
+        super().__init__(name, ttl=None, **options)
         self.directory = Path(directory)
         self.mode = mode
         self._check_directory(allow_network_fs, mountinfo)
@@ -131,12 +154,13 @@ class FileLock(Lock):
         fd = self._open_locked()
         if fd is None:
             return Busy()
+        handle = _Flock(fd)
         try:
             token = self._next_token()
         except BaseException:
-            os.close(fd)
+            handle.close()
             raise
-        return Grant(token, data=fd)
+        return Grant(token, data=handle)
 
     def _open_locked(self) -> int | None:
         """Open and flock the lock file; return the descriptor, None if busy."""
@@ -147,6 +171,7 @@ class FileLock(Lock):
             raise self._os_error("open the lock file", self.lock_path, exc) from exc
 
         try:
+            self._check_owner(fd, self.lock_path)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
@@ -154,6 +179,9 @@ class FileLock(Lock):
         except OSError as exc:
             os.close(fd)
             raise self._os_error("flock the lock file", self.lock_path, exc) from exc
+        except BaseException:
+            os.close(fd)
+            raise
 
         # The file is never deleted by this library, but if someone removed
         # or replaced it, our lock is on an inode that others no longer open.
@@ -165,6 +193,20 @@ class FileLock(Lock):
             )
             return None
         return fd
+
+    def _check_owner(self, fd: int, path: Path) -> None:
+        # In a shared directory (even with the sticky bit) another user can
+        # create these files first and then rewrite the token at will.
+        owner = os.fstat(fd).st_uid
+        if owner not in (os.geteuid(), 0):
+            raise ConfigError(
+                f"{str(path)!r} for lock {self.name!r} is owned by uid {owner},"
+                f" not by this process (uid {os.geteuid()}) or root, so that user"
+                " could change the lock or its tokens. Use a lock directory that"
+                " only this user can write to.",
+                lock_name=self.name,
+                backend=self.backend,
+            )
 
     def _still_linked(self, fd: int) -> bool:
         try:
@@ -184,6 +226,7 @@ class FileLock(Lock):
             raise self._os_error("open the token file", self.token_path, exc) from exc
 
         try:
+            self._check_owner(fd, self.token_path)
             token = _read_token(fd, self.token_path) + 1
             os.pwrite(fd, _encode_slot(token), (token % 2) * _SLOT_SIZE)
             os.fdatasync(fd)
@@ -196,22 +239,41 @@ class FileLock(Lock):
         return token
 
     def _release(self, lease: Lease, timeout: float) -> bool:
-        fd = lease.data
+        handle: _Flock = lease.data
+        fd = handle.fd
         if fd is None:
             return False
-        lease.data = None
         try:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
-            os.close(fd)
+            handle.close()
         return True
+
+    def _check_held(self, lease: Lease) -> str | None:
+        handle: _Flock = lease.data
+        if handle.fd is None:
+            return "the lock file descriptor was closed"
+        if not self._still_linked(handle.fd):
+            return (
+                f"the lock file {str(self.lock_path)!r} was removed or replaced"
+                " while held, so another process may have locked a new file"
+            )
+        return None
 
     def _os_error(self, action: str, path: Path, exc: OSError) -> Exception:
         message = (
             f"could not {action} {str(path)!r} for lock {self.name!r}:"
             f" {exc.strerror or exc}"
         )
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ELOOP):
+        permanent = (
+            errno.EACCES,
+            errno.EPERM,
+            errno.EROFS,
+            errno.ELOOP,
+            errno.EISDIR,
+            errno.ENOTDIR,
+        )
+        if exc.errno in permanent:
             return ConfigError(
                 message + "; check the directory's owner, mode and mount options"
                 " (symbolic links are not followed)",

@@ -20,18 +20,20 @@ Rules:
   restarts. Tokens still increase, because a new token is at least the
   server clock in microseconds, which has moved past every earlier token
   unless that clock went backwards. Mutual exclusion survives the restart
-  too: when the fence key is missing and the server has been up for less
-  than one ttl, the script grants nothing until that ttl has passed. A
-  holder from before the restart could renew only before it, so its own
-  deadline has passed by then. This assumes every process uses the same
-  ttl for a name. FLUSHALL or eviction of a live server is not detected:
-  run Redis with ``maxmemory-policy noeviction`` (the default).
+  too: while the server has been up for less than one ttl, the script
+  grants no lock whose key is missing. A holder from before the restart
+  could renew only before it, so its own deadline has passed by then. This
+  covers a restart from an older RDB snapshot as well, which brings back
+  the fence key but not the lock key. It assumes every process uses the
+  same ttl for a name. FLUSHALL or eviction of a live server is not
+  detected: run Redis with ``maxmemory-policy noeviction`` (the default).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
@@ -62,14 +64,14 @@ if current then
   end
   return {0, redis.call('PTTL', KEYS[1]), 'another process'}
 end
-local fence = redis.call('GET', KEYS[2])
-if not fence and ARGV[4] == '1' then
+if ARGV[4] == '1' then
   local info = redis.call('INFO', 'server')
   local uptime_ms = tonumber(string.match(info, 'uptime_in_seconds:(%d+)')) * 1000
   if uptime_ms < tonumber(ARGV[2]) then
     return {0, tonumber(ARGV[2]) - uptime_ms, 'the restart guard'}
   end
 end
+local fence = redis.call('GET', KEYS[2])
 local now = redis.call('TIME')
 local micros = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local token = math.max((tonumber(fence) or 0) + 1, micros, tonumber(ARGV[3]) + 1)
@@ -95,6 +97,16 @@ end
 return 0
 """
 
+# KEYS: lock. ARGV: owner. Frees a lock this owner got in an attempt whose
+# reply never arrived. Returns 1 if it freed one.
+_RELEASE_OWNER = """
+local current = redis.call('GET', KEYS[1])
+if current and string.sub(current, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 # Highest token this process has seen per (server, key), passed to the
 # acquire script as a floor so tokens increase even if the server clock and
 # the fence key both went back.
@@ -110,19 +122,18 @@ class RedisLock(Lock):
     needs a ttl: a Redis lock without expiry would stay held forever after
     its holder is killed.
 
-    ``guard_after_data_loss`` (default True) grants nothing for a name
-    whose fence key is missing until the server has been up for one ttl;
-    see the module docstring. Turning it off makes acquisitions right after
-    a server start immediate, but a restart without persistence can then
-    let two holders overlap (tokens still increase, so a fenced store still
-    rejects the older one).
+    ``guard_after_data_loss`` (default True) grants no lock while the
+    server has been up for less than one ttl; see the module docstring.
+    Turning it off makes acquisitions right after a server start immediate,
+    but a restart without persistence can then let two holders overlap.
+    Tokens still increase, so a fenced store still rejects the older one.
     """
 
     backend = "redis"
 
     def __init__(
         self,
-        client: redis.Redis[Any],
+        client: redis.Redis,
         name: str,
         *,
         ttl: float | None = 30.0,
@@ -141,6 +152,7 @@ class RedisLock(Lock):
         self._acquire_script = client.register_script(_ACQUIRE)
         self._renew_script = client.register_script(_RENEW)
         self._release_script = client.register_script(_RELEASE)
+        self._release_owner_script = client.register_script(_RELEASE_OWNER)
         self._server = _describe(client)
 
         # One connection of this lock's own, taken out of the client's pool:
@@ -164,6 +176,9 @@ class RedisLock(Lock):
         client_url, client_options, lock_options = _split_url(url, options)
         try:
             client = redis.Redis.from_url(client_url, **client_options)
+            # redis-py checks connection options only when it first builds a
+            # connection; build one now so a bad option fails here.
+            client.connection_pool.make_connection()
         except (ValueError, TypeError, redis.exceptions.RedisError) as exc:
             raise ConfigError(
                 f"Redis URL {_redact(url)!r} for lock {name!r} is invalid: {exc}."
@@ -205,6 +220,23 @@ class RedisLock(Lock):
         )
         return int(reply) == 1
 
+    def _abandon_attempt(self, owner: str) -> None:
+        try:
+            freed = self._call(
+                self._release_owner_script, [self.lock_key], [owner], "release"
+            )
+        except Exception as exc:  # best effort; the ttl frees it otherwise
+            log.warning(
+                "could not free lock %r after an interrupted acquire: %s. It"
+                " expires after its ttl of %s s.",
+                self.name,
+                exc,
+                self.ttl,
+            )
+            return
+        if int(freed) == 1:
+            log.info("freed lock %r granted to an interrupted acquire", self.name)
+
     def _call(self, script: Any, keys: list[str], args: list[Any], action: str) -> Any:
         # redis-py reconnects on its own. That is safe here: every script
         # checks the stored owner, so a call over a new connection (perhaps
@@ -220,15 +252,28 @@ class RedisLock(Lock):
                 lock_name=self.name,
                 backend=self.backend,
             ) from exc
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise BackendUnavailable(
-                f"Redis at {self._server} did not respond to the {action} of lock"
-                f" {self.name!r}: {exc}. Check that the server is up and reachable.",
-                lock_name=self.name,
-                backend=self.backend,
-            ) from exc
+        except redis.exceptions.ConnectionError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise ConfigError(
+                    f"the TLS certificate of Redis at {self._server} did not"
+                    f" verify for lock {self.name!r}: {exc}. Pass the CA that"
+                    " signed it as ?ssl_ca_certs=PATH in the rediss:// URL.",
+                    lock_name=self.name,
+                    backend=self.backend,
+                ) from exc
+            raise self._unavailable(action, exc) from exc
+        except redis.exceptions.TimeoutError as exc:
+            raise self._unavailable(action, exc) from exc
         except redis.exceptions.ResponseError as exc:
             raise _response_error(self, action, exc) from exc
+
+    def _unavailable(self, action: str, exc: Exception) -> BackendUnavailable:
+        return BackendUnavailable(
+            f"Redis at {self._server} did not respond to the {action} of lock"
+            f" {self.name!r}: {exc}. Check that the server is up and reachable.",
+            lock_name=self.name,
+            backend=self.backend,
+        )
 
     def _run_script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         with self._connection_lock:
@@ -256,10 +301,20 @@ def _response_error(
     lock: RedisLock, action: str, exc: redis.exceptions.ResponseError
 ) -> Exception:
     text = str(exc)
-    if text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+    if "DB index is out of range" in text:
+        return ConfigError(
+            f"Redis at {lock._server} has no such database for lock"
+            f" {lock.name!r}: {text}. Use a database number the server has"
+            " (0 to databases - 1) in the URL path.",
+            lock_name=lock.name,
+            backend=lock.backend,
+        )
+    permission = isinstance(exc, redis.exceptions.NoPermissionError)
+    if permission or text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
         return ConfigError(
             f"Redis at {lock._server} rejected the {action} of lock {lock.name!r}:"
-            f" {text}. Check the password and ACL user in the URL.",
+            f" {text}. Check the password and ACL user in the URL; the user needs"
+            " EVALSHA, EVAL and INFO on the lock's keys.",
             lock_name=lock.name,
             backend=lock.backend,
         )
@@ -278,12 +333,13 @@ _FALSE = {"0", "false", "no", "off"}
 
 def _check_url(url: str, name: str) -> None:
     """Reject what redis-py would silently ignore or fail on later."""
-    parts = urlsplit(url)
     problem = None
     try:
+        parts = urlsplit(url)
         parts.port  # noqa: B018 - parsing the port validates it
-    except ValueError:
-        problem = "the port is not a number from 0 to 65535"
+    except ValueError as exc:
+        problem = f"it does not parse ({exc})"
+        parts = urlsplit("redis://")
     database = parts.path.strip("/")
     if parts.scheme != "unix" and database and not database.isdigit():
         problem = f"the database {database!r} is not a number"
@@ -309,7 +365,12 @@ def _split_url(
     for key in _URL_LOCK_OPTIONS:
         if key in query:
             lock_options.setdefault(key, query.pop(key)[-1])
-    client_url = parts._replace(query=urlencode(query, doseq=True)).geturl()
+    client_url = url
+    if lock_options.keys() - options.keys():
+        # urlunsplit drops the "//" of unix:///PATH, so rebuild by hand.
+        base = url.split("?", 1)[0]
+        encoded = urlencode(query, doseq=True)
+        client_url = f"{base}?{encoded}" if encoded else base
     if "guard_after_data_loss" in lock_options:
         lock_options["guard_after_data_loss"] = _flag(
             "guard_after_data_loss", lock_options["guard_after_data_loss"]
@@ -341,7 +402,7 @@ def _flag(field: str, value: Any) -> bool:
     raise ConfigError(f"{field}={value!r} is invalid; use true or false")
 
 
-def _describe(client: redis.Redis[Any]) -> str:
+def _describe(client: redis.Redis) -> str:
     kwargs = client.connection_pool.connection_kwargs
     if "path" in kwargs:
         return f"unix:{kwargs['path']}"
@@ -349,8 +410,12 @@ def _describe(client: redis.Redis[Any]) -> str:
 
 
 def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return re.sub(r"//[^@/]*@", "//***@", url)
+    if password is None:
         return url
     netloc = parts.netloc.rsplit("@", 1)[-1]
     user = unquote(parts.username or "")

@@ -33,6 +33,7 @@ class Redis(ServerHandle):
         self.port = free_port()
         self.password = password
         self.ca_path: Path | None = None
+        self.socket_path = workdir / "redis.sock"
         argv = [
             binary,
             "--bind",
@@ -47,6 +48,8 @@ class Redis(ServerHandle):
             "no",
             "--protected-mode",
             "no",
+            "--unixsocket",
+            str(self.socket_path),
         ]
         if password is not None:
             argv += ["--requirepass", password]
@@ -75,6 +78,10 @@ class Redis(ServerHandle):
 
     def stop(self) -> None:
         self.process.stop()
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would: nothing is saved on the way out."""
+        self.process.kill()
 
     def restart(self) -> None:
         """Stop and start on the same port. With persistence off, all keys are gone."""
