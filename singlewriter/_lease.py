@@ -65,6 +65,7 @@ class Lease:
         self._state = _HELD
         self._pid = os.getpid()
         self._failures = 0
+        self._renewing = False
         self._schedule_sequence = 0
         self._deadline: float | None = None
         self._renew_at = float("inf")
@@ -199,6 +200,8 @@ class Lease:
     def _next_event(self) -> float:
         if self._deadline is None:
             return self._renew_at
+        if self._renewing:
+            return self._deadline
         return min(self._renew_at, self._deadline)
 
     def _call_timeout(self, now: float) -> float:

@@ -225,7 +225,12 @@ class Lock(abc.ABC):
                 _entered.set(stack[:index] + stack[index + 1 :])
                 lease.release()
                 return
-        log.warning("lock %r exited a with-block it did not enter here", self.name)
+        log.warning(
+            "lock %r left a with-block that was entered in another thread, task"
+            " or context, so no lease was released here; release the lease that"
+            " `with lock as lease:` returned with lease.release() instead",
+            self.name,
+        )
 
     # Steps each backend implements.
 

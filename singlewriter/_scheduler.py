@@ -13,7 +13,10 @@ Rules the scheduler keeps for each registered lease:
 - A renewal the backend refuses (another holder, key gone) marks the lease
   lost at once.
 - When the deadline passes with no successful renewal the lease is lost,
-  whatever the backend reports later.
+  whatever the backend reports later. The scheduler thread only keeps
+  time: renewal calls run on a small shared pool of worker threads, so a
+  call that hangs cannot delay the loss of its own lease, nor the renewal
+  of other leases.
 
 The scheduler keeps weak references: a lease that its caller dropped without
 releasing stops being renewed and expires on the backend after its ttl.
@@ -28,6 +31,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from tenacity import RetryCallState, Retrying
@@ -49,7 +53,7 @@ class Scheduler:
     """Renews leases and enforces their deadlines from one daemon thread.
 
     ``clock`` must be monotonic. Tests may drive a scheduler by hand with
-    ``run_due()`` instead of starting its thread.
+    ``run_due()`` instead of starting its thread; renewals then run inline.
     """
 
     def __init__(self, clock: Clock = time.monotonic, *, autostart: bool = True):
@@ -61,6 +65,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._wake_at = float("inf")
         self._backoff = backoff(2.0)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
 
     def register(self, lease: Lease) -> None:
         """Start renewing ``lease``; its first renewal is due per its schedule."""
@@ -130,26 +136,56 @@ class Scheduler:
         if lease._deadline is not None and now >= lease._deadline:
             lease._mark_lost("no renewal succeeded before the lease deadline")
             return
-        if now < lease._renew_at:
+        if lease._renewing or now < lease._renew_at:
             return
-        self._renew(lease)
+
+        lease._renewing = True
+        pool = self._renewal_pool()
+        if pool is None:
+            self._renew(lease)
+        else:
+            pool.submit(self._renew, lease)
+
+    def _renewal_pool(self) -> ThreadPoolExecutor | None:
+        if not self._autostart:
+            return None
+        # Worker threads do not survive fork, so a child needs a new pool.
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(
+                max_workers=_RENEWAL_WORKERS, thread_name_prefix="singlewriter-renew"
+            )
+            self._pool_pid = os.getpid()
+        return self._pool
 
     def _renew(self, lease: Lease) -> None:
         sent = self.clock()
+        error: Exception | None = None
+        still_held = False
         try:
             still_held = lease.lock._renew(lease, lease._call_timeout(sent))
         except BackendUnavailable as exc:
-            self._schedule_retry(lease, exc)
-            return
-        except Exception as exc:  # a backend bug must not kill the thread
+            error = exc
+        except Exception as exc:  # a backend bug must not kill the worker
             log.exception("unexpected error renewing lock %r", lease.name)
-            self._schedule_retry(lease, exc)
-            return
+            error = exc
+        finally:
+            lease._renewing = False
 
-        if not still_held:
+        # The scheduler thread may have marked the lease lost meanwhile, at
+        # its deadline; a late reply then changes nothing.
+        if not lease._active():
+            return
+        if error is not None:
+            self._schedule_retry(lease, error)
+        elif not still_held:
             lease._mark_lost("the backend reports the lease is no longer held")
             return
-        lease._renewed(sent)
+        else:
+            lease._renewed(sent)
+
+        if self._autostart:
+            with self._cond:
+                self._push(lease, lease._next_event())
 
     def _schedule_retry(self, lease: Lease, exc: BaseException) -> None:
         lease._failures += 1
@@ -173,6 +209,10 @@ class Scheduler:
             exc,
         )
 
+
+# Threads that make renewal calls for every lease of the process; more
+# than one, so that one hung backend call does not hold up the others.
+_RENEWAL_WORKERS = 4
 
 _default: Scheduler | None = None
 _default_lock = threading.Lock()

@@ -230,3 +230,25 @@ def test_lock_path_that_is_directory_rejected(lock_dir: Path) -> None:
     (lock_dir / "example.com.lock").mkdir()
     with pytest.raises(singlewriter.ConfigError, match=r"example\.com\.lock"):
         FileLock(lock_dir, "example.com").acquire(blocking=False)
+
+
+def test_world_writable_lock_directory_rejected(tmp_path: Path) -> None:
+    """Anyone could replace the lock file in a world-writable directory."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(singlewriter.ConfigError, match="no sticky bit"):
+        FileLock(shared, "example.com")
+
+    shared.chmod(0o1777)
+    FileLock(shared, "example.com").acquire(blocking=False).release()
+
+
+def test_lock_directory_of_other_user_rejected(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a directory owned by another user")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    os.chown(foreign, 65534, 65534)
+    with pytest.raises(singlewriter.ConfigError, match="owned by uid 65534"):
+        FileLock(foreign, "example.com")

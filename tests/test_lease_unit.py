@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 
 import pytest
 
@@ -317,3 +318,28 @@ def test_public_names_sorted_and_complete() -> None:
     assert public <= set(exported) | {"acme", "keystore", "cli", "metrics"}
     for name in exported:
         assert hasattr(singlewriter, name), name
+
+
+def test_hung_renewal_still_loses_at_deadline() -> None:
+    """A renewal call that never returns must not delay the loss.
+
+    Real time: ttl 1 s, so the deadline is 0.9 s after acquisition. The
+    assertion allows 1 s of scheduling delay on a loaded machine, still far
+    less than the hung call, which blocks until the test ends.
+    """
+    unblock = threading.Event()
+
+    class Hanging(MemoryLock):
+        def _renew(self, lease: Lease, timeout: float) -> bool:
+            unblock.wait()
+            return True
+
+    lock = Hanging("example.com", ttl=1.0, scheduler=Scheduler())
+    lease = lock.acquire()
+    try:
+        assert lease.deadline is not None
+        assert lease.lost.wait(timeout=5)
+        assert time.monotonic() - lease.deadline < 1.0
+        assert "deadline" in (lease.lost_reason or "")
+    finally:
+        unblock.set()

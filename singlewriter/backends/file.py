@@ -30,6 +30,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -138,6 +139,7 @@ class FileLock(Lock):
                 lock_name=self.name,
                 backend=self.backend,
             )
+        self._check_directory_owner()
         fstype = filesystem_type(self.directory, mountinfo)
         if fstype is not None and _is_network(fstype) and not allow_network_fs:
             raise ConfigError(
@@ -146,6 +148,27 @@ class FileLock(Lock):
                 " processes on other hosts. Use a local directory, a Redis,"
                 " Consul or Kubernetes lock, or pass allow_network_fs=True if"
                 " only this host ever takes the lock.",
+                lock_name=self.name,
+                backend=self.backend,
+            )
+
+    def _check_directory_owner(self) -> None:
+        # Whoever can replace NAME.lock or NAME.token can let a second
+        # holder in or send tokens backwards. The sticky bit stops other
+        # users from replacing files they do not own (and files they created
+        # first are rejected when opened).
+        info = os.stat(self.directory)
+        problem = None
+        if info.st_uid not in (os.geteuid(), 0):
+            problem = f"is owned by uid {info.st_uid}, another user"
+        elif info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+            problem = "is writable by every user and has no sticky bit"
+        if problem is not None:
+            raise ConfigError(
+                f"lock directory {str(self.directory)!r} for lock {self.name!r}"
+                f" {problem}, so another user could replace the lock or token"
+                " file. Use a directory owned by this user (or root) that only"
+                " its owner can write to.",
                 lock_name=self.name,
                 backend=self.backend,
             )

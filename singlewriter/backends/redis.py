@@ -196,6 +196,7 @@ class RedisLock(Lock):
             [self.lock_key, self.fence_key],
             [owner, self._ttl_ms, floor, guard],
             "acquire",
+            timeout,
         )
 
         if int(reply[0]) != 1:
@@ -210,13 +211,17 @@ class RedisLock(Lock):
 
     def _renew(self, lease: Lease, timeout: float) -> bool:
         reply = self._call(
-            self._renew_script, [self.lock_key], [lease.data, self._ttl_ms], "renew"
+            self._renew_script,
+            [self.lock_key],
+            [lease.data, self._ttl_ms],
+            "renew",
+            timeout,
         )
         return int(reply) == 1
 
     def _release(self, lease: Lease, timeout: float) -> bool:
         reply = self._call(
-            self._release_script, [self.lock_key], [lease.data], "release"
+            self._release_script, [self.lock_key], [lease.data], "release", timeout
         )
         return int(reply) == 1
 
@@ -237,13 +242,21 @@ class RedisLock(Lock):
         if int(freed) == 1:
             log.info("freed lock %r granted to an interrupted acquire", self.name)
 
-    def _call(self, script: Any, keys: list[str], args: list[Any], action: str) -> Any:
+    def _call(
+        self,
+        script: Any,
+        keys: list[str],
+        args: list[Any],
+        action: str,
+        timeout: float | None = None,
+    ) -> Any:
         # redis-py reconnects on its own. That is safe here: every script
         # checks the stored owner, so a call over a new connection (perhaps
         # to a restarted server) re-verifies the lease instead of trusting
         # that nothing happened while the connection was down.
         try:
-            return self._run_script(script, keys, args)
+            limit = self.operation_timeout if timeout is None else timeout
+            return self._run_script(script, keys, args, limit)
         except redis.exceptions.AuthenticationError as exc:
             raise ConfigError(
                 f"Redis at {self._server} rejected the credentials for the"
@@ -275,10 +288,21 @@ class RedisLock(Lock):
             backend=self.backend,
         )
 
-    def _run_script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    def _run_script(
+        self, script: Any, keys: list[str], args: list[Any], timeout: float
+    ) -> Any:
         with self._connection_lock:
             connection = self._own_connection()
             command = (len(keys), *keys, *args)
+
+            # Bound this call by the caller's timeout (for a renewal, the
+            # time left before the lease deadline) when that is shorter
+            # than the connection's own socket timeout.
+            sock = getattr(connection, "_sock", None)
+            if sock is not None:
+                configured = connection.socket_timeout
+                limit = timeout if configured is None else min(timeout, configured)
+                sock.settimeout(limit)
             try:
                 connection.send_command("EVALSHA", script.sha, *command)
                 return connection.read_response()
