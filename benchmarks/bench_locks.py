@@ -35,17 +35,25 @@ def free_port() -> int:
         return port
 
 
-def measure(cycle: Callable[[], None], rounds: int, repeat: int = 7) -> float:
-    """Return the median over ``repeat`` batches of the mean cycle time (s)."""
-    for _ in range(max(10, rounds // 10)):
-        cycle()
-    batches = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        for _ in range(rounds):
+def measure(
+    cycles: dict[str, Callable[[], None]], rounds: int, repeat: int = 9
+) -> list[tuple[str, float]]:
+    """Return each cycle's median over ``repeat`` batches of its mean time (s).
+
+    Batches of the contenders alternate, so that a change in machine load
+    during the run affects all of them alike.
+    """
+    for cycle in cycles.values():
+        for _ in range(max(10, rounds // 10)):
             cycle()
-        batches.append((time.perf_counter() - started) / rounds)
-    return statistics.median(batches)
+    batches: dict[str, list[float]] = {label: [] for label in cycles}
+    for _ in range(repeat):
+        for label, cycle in cycles.items():
+            started = time.perf_counter()
+            for _ in range(rounds):
+                cycle()
+            batches[label].append((time.perf_counter() - started) / rounds)
+    return [(label, statistics.median(times)) for label, times in batches.items()]
 
 
 def bench_redis(rounds: int) -> list[tuple[str, float]]:
@@ -87,11 +95,14 @@ def bench_redis(rounds: int) -> list[tuple[str, float]]:
             peer.acquire()
             peer.release()
 
-        return [
-            ("PING round trip", measure(client.ping, rounds)),
-            ("redis-py Lock acquire+release", measure(peer_cycle, rounds)),
-            ("singlewriter RedisLock acquire+release", measure(ours_cycle, rounds)),
-        ]
+        return measure(
+            {
+                "PING round trip (redis-py)": client.ping,
+                "redis-py Lock acquire+release": peer_cycle,
+                "singlewriter RedisLock acquire+release": ours_cycle,
+            },
+            rounds,
+        )
     finally:
         server.terminate()
         server.wait()
@@ -117,10 +128,13 @@ def bench_flock(rounds: int) -> list[tuple[str, float]]:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-        results = [
-            ("bare open+flock+fdatasync+unlock", measure(bare_cycle, rounds)),
-            ("singlewriter FileLock acquire+release", measure(ours_cycle, rounds)),
-        ]
+        results = measure(
+            {
+                "bare open+flock+fdatasync+unlock": bare_cycle,
+                "singlewriter FileLock acquire+release": ours_cycle,
+            },
+            rounds,
+        )
         os.close(counter)
         return results
     finally:

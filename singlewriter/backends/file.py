@@ -217,10 +217,11 @@ class FileLock(Lock):
             return None
         return fd
 
-    def _check_owner(self, fd: int, path: Path) -> None:
+    def _check_owner(self, fd: int, path: Path) -> os.stat_result:
         # In a shared directory (even with the sticky bit) another user can
         # create these files first and then rewrite the token at will.
-        owner = os.fstat(fd).st_uid
+        info = os.fstat(fd)
+        owner = info.st_uid
         if owner not in (os.geteuid(), 0):
             raise ConfigError(
                 f"{str(path)!r} for lock {self.name!r} is owned by uid {owner},"
@@ -230,6 +231,7 @@ class FileLock(Lock):
                 lock_name=self.name,
                 backend=self.backend,
             )
+        return info
 
     def _still_linked(self, fd: int) -> bool:
         try:
@@ -243,17 +245,18 @@ class FileLock(Lock):
         """Read, increment and durably store the token; the flock must be held."""
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            created = not os.path.exists(self.token_path)
             fd = os.open(self.token_path, flags, self.mode)
         except OSError as exc:
             raise self._os_error("open the token file", self.token_path, exc) from exc
 
         try:
-            self._check_owner(fd, self.token_path)
+            # An empty file was just created (or never written before a
+            # crash): its directory entry must reach the disk too.
+            fresh = self._check_owner(fd, self.token_path).st_size == 0
             token = _read_token(fd, self.token_path) + 1
             os.pwrite(fd, _encode_slot(token), (token % 2) * _SLOT_SIZE)
             os.fdatasync(fd)
-            if created:
+            if fresh:
                 _fsync_directory(self.directory)
         except OSError as exc:
             raise self._os_error("update the token file", self.token_path, exc) from exc
