@@ -95,9 +95,16 @@ def bench_redis(rounds: int) -> list[tuple[str, float]]:
             peer.acquire()
             peer.release()
 
+        raw = client.connection_pool.make_connection()
+
+        def raw_ping() -> None:
+            raw.send_command("PING")
+            raw.read_response()
+
         return measure(
             {
                 "PING round trip (redis-py)": client.ping,
+                "PING on a bare redis-py connection": raw_ping,
                 "redis-py Lock acquire+release": peer_cycle,
                 "singlewriter RedisLock acquire+release": ours_cycle,
             },
