@@ -14,6 +14,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from josepy import jwk
 
 from singlewriter.acme import (
     DNS01Hook,
@@ -327,3 +328,34 @@ def test_profile_is_requested(make_pebble: Any, tmp_path: Path) -> None:
     certificate, _ = published(env)
     lifetime = certificate.not_valid_after_utc - certificate.not_valid_before_utc
     assert timedelta(days=5) < lifetime <= timedelta(days=6, seconds=1)
+
+
+def test_damaged_current_set_renews(acme_env: ACMEEnv) -> None:
+    """A current set that no longer verifies is renewed instead of blocking renewal."""
+    renew(acme_env.domains, **acme_env.kwargs())
+    (acme_env.store_path / "..current" / "cert.pem").write_bytes(b"")
+
+    result = renew(acme_env.domains, **acme_env.kwargs())
+
+    assert result.renewed
+    assert result.generation == 2
+    certificate, _ = published(acme_env)
+    assert dns_names(certificate) == set(acme_env.domains)
+
+
+def test_plain_http_endpoint_rejected(acme_env: ACMEEnv) -> None:
+    """An http:// URL or redirect from an https directory is never requested."""
+    from singlewriter import ConfigError
+    from singlewriter.acme._client import connect
+
+    connection = connect(
+        acme_env.pebble.directory_url,
+        jwk.JWKEC(key=ec.generate_private_key(ec.SECP256R1())),
+        ca_bundle=acme_env.pebble.ca_bundle_path,
+        user_agent="test",
+        timeout=10,
+    )
+    plain = "http://127.0.0.1:1/acme/new-order"
+
+    with pytest.raises(ConfigError, match=r"plain-http URL .* refusing to downgrade"):
+        connection.net.head(plain)

@@ -15,12 +15,13 @@ import pytest
 import requests
 from acme import messages
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from singlewriter import ConfigError, Terminated
 from singlewriter.acme import (
     EXIT_TERMINATED,
+    AccountStore,
     ACMEError,
     ACMEUnavailable,
     ChallengeItem,
@@ -33,7 +34,12 @@ from singlewriter.acme._errors import translate
 from singlewriter.acme._interrupt import terminate_on_signals
 from singlewriter.acme._keys import generate_key
 from singlewriter.acme._policy import CurrentSet, ari_renewal_time, decide
-from singlewriter.acme._state import InFlightOrder, LineageState, lineage_directory
+from singlewriter.acme._state import (
+    FailureRecord,
+    InFlightOrder,
+    LineageState,
+    lineage_directory,
+)
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -223,6 +229,18 @@ def test_domains_are_normalized() -> None:
     assert default_lock_name(("*.example.com", "example.com")) == "example.com"
 
 
+def test_lock_name_order_independent() -> None:
+    """The default lock name and state directory do not depend on the name order."""
+    names = ("www.example.com", "*.example.com", "api.example.com")
+    swapped = tuple(reversed(names))
+
+    assert default_lock_name(names) == "api.example.com"
+    assert default_lock_name(swapped) == "api.example.com"
+    assert lineage_directory(Path("/s"), "u", names) == lineage_directory(
+        Path("/s"), "u", swapped
+    )
+
+
 def test_too_many_names_are_rejected() -> None:
     """More than 100 names do not fit one certificate."""
     with pytest.raises(ConfigError, match="at most 100"):
@@ -373,3 +391,96 @@ def test_standalone_rejects_bad_port() -> None:
     """A port outside 0..65535 is a configuration error."""
     with pytest.raises(ConfigError):
         HTTP01Standalone(port=70000)
+
+
+# Owner and mode of the account and state files.
+
+
+def test_account_directories_ignore_umask(tmp_path: Path) -> None:
+    """Directories the renewal creates are 0700 even under umask 000."""
+    previous = os.umask(0)
+    try:
+        accounts = AccountStore(tmp_path / "outer" / "account")
+        accounts.load_key()
+        state = LineageState(accounts.path / "state" / "example-0")
+        state.clear_failures()
+        state.save_failures(
+            FailureRecord(
+                domains=("example.test",),
+                failures=1,
+                last_failure=datetime(2030, 1, 1, tzinfo=timezone.utc),
+                next_attempt=datetime(2030, 1, 1, tzinfo=timezone.utc),
+                last_error="",
+            )
+        )
+    finally:
+        os.umask(previous)
+
+    for directory in (
+        tmp_path / "outer",
+        accounts.path,
+        accounts.path / "state",
+        state.directory,
+    ):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+
+
+def test_planted_order_rejected(tmp_path: Path) -> None:
+    """An order file another user owns or can write is never used."""
+    state = LineageState(tmp_path / "state")
+    state.save_order(
+        InFlightOrder(
+            directory_url="https://ca.test/dir",
+            domains=("example.test",),
+            key_type="ec-p256",
+            key_pem=b"key",
+            csr_pem=b"csr",
+            created=datetime(2030, 1, 1, tzinfo=timezone.utc),
+        )
+    )
+    order = state.directory / "order.json"
+
+    order.chmod(0o666)
+    with pytest.raises(ConfigError, match="writable by group or others"):
+        state.load_order()
+
+    order.chmod(0o600)
+    if os.geteuid() == 0:
+        os.chown(order, 65534, 65534)
+        with pytest.raises(ConfigError, match="owned by uid 65534"):
+            state.load_order()
+
+
+def test_account_directory_group_writable(tmp_path: Path) -> None:
+    """A group-writable account directory is rejected before its key is read."""
+    directory = tmp_path / "account"
+    directory.mkdir()
+    directory.chmod(0o770)
+
+    with pytest.raises(ConfigError, match="writable by group or others"):
+        AccountStore(directory).load_key()
+
+
+def test_order_key_encrypted_with_passphrase(tmp_path: Path) -> None:
+    """With a passphrase, the in-flight order key never reaches disk in clear."""
+    key_pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    order = InFlightOrder(
+        directory_url="https://ca.test/dir",
+        domains=("example.test",),
+        key_type="ec-p256",
+        key_pem=key_pem,
+        csr_pem=b"csr",
+        created=datetime(2030, 1, 1, tzinfo=timezone.utc),
+    )
+    LineageState(tmp_path / "state", passphrase=b"secret").save_order(order)
+
+    stored = (tmp_path / "state" / "order.json").read_text()
+    assert "BEGIN ENCRYPTED PRIVATE KEY" in stored
+    assert "BEGIN PRIVATE KEY" not in stored
+    resumed = LineageState(tmp_path / "state", passphrase=b"secret").load_order()
+    assert resumed is not None
+    assert resumed.key_pem == key_pem

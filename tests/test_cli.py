@@ -1130,3 +1130,41 @@ def test_run_against_pebble_sigterm(pebble: Any, paths: SimpleNamespace) -> None
     assert f"stopped renewal loop for '{domain}' by signal 15" in err
     with FileLock(paths.locks, domain).acquire(blocking=False):
         pass
+
+
+def test_lock_name_ignores_domain_order(acme: FakeACME, paths: SimpleNamespace) -> None:
+    """Listing the same names in another order takes the same lock."""
+    argv = renew_argv(paths)
+    first, second = argv.index("example.test"), argv.index("www.example.test")
+    argv[first], argv[second] = argv[second], argv[first]
+
+    assert main(argv) == 0
+    assert acme.calls[0]["lock"].name == "example.test"
+
+
+@pytest.mark.parametrize(
+    ("domain", "expected"),
+    [
+        ("bücher.example", "ASCII form (xn--...)"),
+        ("a.*.test", "label '*'"),
+        ("::1", "is an IP address"),
+        ("a..b.test", "label ''"),
+        ("host:443", "fully qualified name"),
+    ],
+)
+def test_bad_domain_reported_as_domain(
+    acme: FakeACME,
+    paths: SimpleNamespace,
+    capsys: pytest.CaptureFixture[str],
+    domain: str,
+    expected: str,
+) -> None:
+    """An invalid domain is reported as an invalid domain, not as a bad lock name."""
+    argv = renew_argv(paths)
+    argv[argv.index("example.test")] = domain
+
+    assert main(argv) == 78
+    err = capsys.readouterr().err
+    assert f"domain name {domain!r} is invalid" in err or "IP address" in err
+    assert expected in err
+    assert "lock name" not in err

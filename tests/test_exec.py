@@ -257,12 +257,21 @@ def test_exec_grace_must_be_below_ttl(
     status = main(
         [
             "exec", "--lock", f"file://{locks}", "--name", "n",
-            "--ttl", "5", "--grace", "5", "--", "true",
+            "--ttl", "5", "--grace", "3", "--", "true",
         ]
     )  # fmt: skip
 
+    err = capsys.readouterr().err
     assert status == 78
-    assert "--grace 5 s must be shorter than --ttl 5 s" in capsys.readouterr().err
+    assert "--grace 3 s is too long for --ttl 5 s" in err
+    assert "use a --grace below 2.83333 s" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_exec_margin_covers_grace() -> None:
+    """The lease counts as lost grace plus margin before another holder can acquire."""
+    assert _exec.safety_margin(30.0, 10.0) == 13.0
+    assert _exec.safety_margin(2.0, 0.5) == 1.0
 
 
 def test_exec_needs_command(locks: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -347,7 +356,9 @@ def test_exec_lost_lease_kills_group(
     SIGKILL ends them; both must be gone when exec returns.
     """
     monkeypatch.setattr(
-        _exec, "lock_from_url", lambda url, name, ttl: VanishingLock(name, ttl=ttl)
+        _exec,
+        "lock_from_url",
+        lambda url, name, ttl, **options: VanishingLock(name, ttl=ttl, **options),
     )
     pids = tmp_path / "pids"
     child = script(
@@ -366,7 +377,7 @@ def test_exec_lost_lease_kills_group(
     started = time.monotonic()
     status = main(
         [
-            "exec", "--lock", "test://", "--name", "n", "--ttl", "1.5",
+            "exec", "--lock", "test://", "--name", "n", "--ttl", "2",
             "--grace", "0.5", "--", sys.executable, child,
         ]
     )  # fmt: skip
@@ -520,6 +531,88 @@ def test_exec_redis_key_deleted(
     log = process.log()
     assert log.index("sending SIGTERM to process group") < log.index("sending SIGKILL")
     assert "was lost while sh ran" in log
+
+
+class FreezingProxy:
+    """A loopback TCP proxy to Redis that stops forwarding once frozen."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self.target = ("127.0.0.1", port)
+        self.frozen = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.sockets: list[socket.socket] = []
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            self.sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(
+                    target=self._pump, args=(source, sink), daemon=True
+                ).start()
+
+    def _pump(self, source: object, sink: object) -> None:
+        while True:
+            try:
+                data = source.recv(65536)  # type: ignore[attr-defined]
+            except OSError:
+                return
+            if not data:
+                return
+            # A frozen proxy swallows traffic: calls hang as in a partition.
+            if not self.frozen.is_set():
+                try:
+                    sink.sendall(data)  # type: ignore[attr-defined]
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self.sockets:
+            connection.close()
+
+
+@pytest.mark.redis
+def test_exec_killed_before_next_acquire(
+    redis_server: object, tmp_path: Path, spawned: list[ExecProcess]
+) -> None:
+    """A holder cut off from Redis has its command killed before another acquires."""
+    from singlewriter.backends.redis import RedisLock
+
+    url: str = redis_server.url  # type: ignore[attr-defined]
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    proxy = FreezingProxy(port)
+    name = unique_name("exec-overlap")
+    pids = tmp_path / "pids"
+    try:
+        process = spawn(
+            spawned, "--lock", f"redis://127.0.0.1:{proxy.port}/0", "--name", name,
+            "--ttl", "4", "--grace", "1", "--",
+            "sh", "-c", f"trap '' TERM; sleep 60 & echo $$ $! > {pids}; wait",
+        )  # fmt: skip
+        shell_pid, sleep_pid = map(int, wait_for_file(pids).split())
+        proxy.frozen.set()
+
+        with RedisLock.from_url(url, name, ttl=4).acquire(timeout=30):
+            shell_alive = alive(shell_pid)
+            sleep_alive = alive(sleep_pid)
+        status = process.wait()
+    finally:
+        proxy.close()
+
+    assert not shell_alive
+    assert not sleep_alive
+    assert status == 76
 
 
 def test_exec_redacts_password(tmp_path: Path, spawned: list[ExecProcess]) -> None:

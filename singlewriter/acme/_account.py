@@ -35,6 +35,7 @@ from singlewriter._errors import ConfigError, StoreError
 from singlewriter.keystore import atomic_write
 
 from ._client import Connection
+from ._private import check_private_file, make_private_directory
 
 __all__ = ["AccountStore", "ensure_registered"]
 
@@ -94,7 +95,7 @@ class AccountStore:
         """Return the stored registration with the CA at ``directory_url``, or None."""
         path = self.registration_path(directory_url)
         try:
-            document = json.loads(path.read_bytes())
+            document = json.loads(self._read_private(path, "account registration"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
@@ -111,7 +112,7 @@ class AccountStore:
         self, directory_url: str, registration: messages.RegistrationResource
     ) -> None:
         path = self.registration_path(directory_url)
-        path.parent.mkdir(mode=0o700, exist_ok=True)
+        make_private_directory(path.parent, "ACME registrations directory")
         document: dict[str, Any] = {
             "directory_url": directory_url,
             "uri": registration.uri,
@@ -135,19 +136,18 @@ class AccountStore:
             os.close(fd)
 
     def _create_directory(self) -> None:
-        try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(
-                f"could not create the ACME account directory {self.path}:"
-                f" {exc.strerror or exc}; check its parent's owner and mode"
-            ) from exc
-        if not self.path.is_dir():
-            raise ConfigError(f"account path {self.path} is not a directory")
+        make_private_directory(self.path, "ACME account directory")
+
+    def _read_private(self, path: Path, what: str) -> bytes:
+        """Read ``path`` after checking its owner and mode; OSError passes through."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as handle:
+            check_private_file(path, os.fstat(fd), what)
+            return handle.read()
 
     def _read_key(self) -> jwk.JWK | None:
         try:
-            pem = self.key_path.read_bytes()
+            pem = self._read_private(self.key_path, "ACME account key")
         except FileNotFoundError:
             return None
         except OSError as exc:

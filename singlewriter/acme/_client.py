@@ -285,6 +285,10 @@ def connect(
         user_agent=user_agent,
         timeout=max(1, round(timeout)),
     )
+    if urlsplit(directory_url).scheme == "https":
+        # Every request, including each redirect requests follows, goes
+        # through this session, so a plain-http URL anywhere fails here.
+        net.session.mount("http://", _RejectPlainHTTP(directory_url))
     if ca_bundle is not None:
         # ClientNetwork hands verify_ssl to requests as ``verify``, which also
         # accepts the path of a PEM bundle; acme types it as bool only.
@@ -292,6 +296,25 @@ def connect(
 
     directory = _get_directory(directory_url, net)
     return Connection(ClientV2(directory, net), directory_url)
+
+
+class _RejectPlainHTTP(requests.adapters.BaseAdapter):
+    """A transport that rejects http:// URLs when the directory is https."""
+
+    def __init__(self, directory_url: str) -> None:
+        super().__init__()
+        self.directory_url = directory_url
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> Any:
+        raise ConfigError(
+            f"the ACME server sent the plain-http URL {request.url!r} (as an"
+            f" endpoint, a Location header or a redirect) although the directory"
+            f" {self.directory_url!r} is https; refusing to downgrade. Check the"
+            " CA's directory and proxies"
+        )
+
+    def close(self) -> None:
+        pass
 
 
 def _get_directory(directory_url: str, net: ClientNetwork) -> messages.Directory:

@@ -54,8 +54,12 @@ def normalize_domains(domains: object) -> tuple[str, ...]:
 
 
 def default_lock_name(domains: Sequence[str]) -> str:
-    """Return the lock name for ``domains``: the first name without a ``*.`` prefix."""
-    return domains[0].removeprefix("*.")
+    """Return the lock name for ``domains``: the alphabetically first, without ``*.``.
+
+    The name depends on the set of names only, not on their order, so every
+    renewer of one certificate takes the same lock however it lists them.
+    """
+    return min(domain.removeprefix("*.") for domain in domains)
 
 
 def _check_domain(domain: object) -> str:

@@ -28,6 +28,7 @@ from ._challenges import Challenge
 from ._domains import default_lock_name
 from ._interrupt import terminate_on_signals
 from ._options import Options, StepCallback, utc_now
+from ._private import make_private_directory
 from ._result import RenewalResult
 from ._run import Renewal
 from ._state import LineageState, lineage_directory
@@ -142,12 +143,16 @@ def renew(
     name = lock_name if lock_name is not None else default_lock_name(options.domains)
     accounts = _open_accounts(account)
     state_root = Path(state_dir) if state_dir is not None else accounts.path / "state"
-    state = LineageState(
-        lineage_directory(state_root, options.directory_url, options.domains)
-    )
-
+    make_private_directory(accounts.path, "ACME account directory")
+    make_private_directory(state_root, "ACME state directory")
     lock_object = _open_lock(lock, lock_name, name, ttl)
     key_store = _open_store(store, deploy_hooks, lock_object.name)
+    # NOTE: KeyStore has no public accessor for its passphrase yet.
+    passphrase: bytes | None = getattr(key_store, "_passphrase", None)
+    state = LineageState(
+        lineage_directory(state_root, options.directory_url, options.domains),
+        passphrase=passphrase,
+    )
 
     with terminate_on_signals(handle_signals) as guard:
         lease = lock_object.acquire(timeout=lock_timeout)

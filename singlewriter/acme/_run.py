@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 
-from singlewriter._errors import SingleWriterError
+from singlewriter._errors import SingleWriterError, StoreError
 from singlewriter._lease import Lease
 from singlewriter.keystore import KeyStore
 
@@ -100,7 +100,17 @@ class Renewal:
     # Deciding.
 
     def _read_current(self) -> CurrentSet | None:
-        snapshot = self.store.read_current()
+        # A damaged or unreadable current set counts as due: committing a new
+        # set is what repairs it, so it must never block the renewal.
+        try:
+            snapshot = self.store.read_current()
+        except StoreError as exc:
+            log.warning(
+                "the current set of %s cannot be read (%s); renewing it",
+                self.store.path,
+                exc,
+            )
+            return None
         if snapshot is None:
             return None
         generation, files = snapshot

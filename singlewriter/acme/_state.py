@@ -25,16 +25,24 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from singlewriter._errors import StoreError
+from cryptography.hazmat.primitives import serialization
+
+from singlewriter._errors import ConfigError
 from singlewriter.keystore import atomic_write
 
 from ._client import RenewalInfo
+from ._private import (
+    check_private_directory,
+    check_private_file,
+    make_private_directory,
+)
 
 __all__ = ["FailureRecord", "InFlightOrder", "LineageState", "lineage_directory"]
 
@@ -48,7 +56,7 @@ def lineage_directory(root: Path, directory_url: str, domains: tuple[str, ...]) 
     """Return the state directory for ``domains`` at the CA ``directory_url``."""
     key = directory_url + "\n" + ",".join(sorted(domains))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    readable = _UNSAFE.sub("_", domains[0].removeprefix("*."))[:60]
+    readable = _UNSAFE.sub("_", min(d.removeprefix("*.") for d in domains))[:60]
     return root / f"{readable}-{digest}"
 
 
@@ -99,8 +107,11 @@ class CachedWindow:
 class LineageState:
     """The state files of one set of names at one CA (see the module docstring)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, passphrase: bytes | None = None) -> None:
         self.directory = directory
+        # With a passphrase, the order key is stored encrypted with it
+        # (PKCS#8 with the best encryption cryptography offers).
+        self.passphrase = passphrase
 
     def __repr__(self) -> str:
         return f"LineageState({str(self.directory)!r})"
@@ -116,7 +127,7 @@ class LineageState:
                 directory_url=document["directory_url"],
                 domains=tuple(document["domains"]),
                 key_type=document["key_type"],
-                key_pem=document["key_pem"].encode(),
+                key_pem=self._decrypt_key(document["key_pem"].encode()),
                 csr_pem=document["csr_pem"].encode(),
                 created=datetime.fromisoformat(document["created"]),
                 order_url=document.get("order_url"),
@@ -133,12 +144,43 @@ class LineageState:
                 "directory_url": order.directory_url,
                 "domains": list(order.domains),
                 "key_type": order.key_type,
-                "key_pem": order.key_pem.decode(),
+                "key_pem": self._encrypt_key(order.key_pem).decode(),
                 "csr_pem": order.csr_pem.decode(),
                 "created": order.created.isoformat(),
                 "order_url": order.order_url,
                 "replaces": order.replaces,
             },
+        )
+
+    def _encrypt_key(self, key_pem: bytes) -> bytes:
+        if self.passphrase is None:
+            return key_pem
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(self.passphrase),
+        )
+
+    def _decrypt_key(self, key_pem: bytes) -> bytes:
+        if b"ENCRYPTED PRIVATE KEY" not in key_pem:
+            return key_pem
+        if self.passphrase is None:
+            raise ConfigError(
+                f"the order key in {self.directory} is encrypted: pass the"
+                " store's passphrase to resume the order"
+            )
+        try:
+            key = serialization.load_pem_private_key(key_pem, self.passphrase)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"the order key in {self.directory} cannot be decrypted with the"
+                " passphrase given; pass the passphrase it was stored with"
+            ) from exc
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
 
     def clear_order(self) -> None:
@@ -220,11 +262,22 @@ class LineageState:
 
     def _read(self, name: str) -> dict[str, Any] | None:
         path = self.directory / name
+        if not self.directory.exists():
+            return None
+        check_private_directory(self.directory, "ACME state directory")
         try:
-            document = json.loads(path.read_bytes())
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            log.warning("ignoring unreadable state file %s: %s", path, exc)
+            return None
+        with os.fdopen(fd, "rb") as handle:
+            check_private_file(path, os.fstat(fd), "ACME state file")
+            data = handle.read()
+        try:
+            document = json.loads(data)
+        except ValueError as exc:
             log.warning("ignoring unreadable state file %s: %s", path, exc)
             return None
         if not isinstance(document, dict) or document.get("version") != _VERSION:
@@ -233,13 +286,7 @@ class LineageState:
         return document
 
     def _write(self, name: str, document: dict[str, Any]) -> None:
-        try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(
-                f"could not create the ACME state directory {self.directory}:"
-                f" {exc.strerror or exc}; pass a writable state_dir"
-            ) from exc
+        make_private_directory(self.directory, "ACME state directory")
         payload = {"version": _VERSION, **document}
         atomic_write(
             self.directory / name,

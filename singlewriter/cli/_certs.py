@@ -93,6 +93,7 @@ def _targets(cert_path: Path, key_path: Path) -> tuple[str, str]:
 
 
 def _read(path: Path, what: str) -> bytes:
+    # TODO: no size cap yet, so --cert /dev/zero reads without limit.
     try:
         return path.read_bytes()
     except FileNotFoundError:
@@ -142,6 +143,8 @@ def certificate_names(certificate: x509.Certificate) -> list[str]:
             x509.SubjectAlternativeName
         )
     except x509.ExtensionNotFound:
+        # TODO: RFC 6125 section 6.4.4 lets a client that expects SANs ignore
+        # the CN; this CN fallback reports a SAN-less certificate as covering.
         common_names = certificate.subject.get_attributes_for_oid(
             x509.NameOID.COMMON_NAME
         )

@@ -12,9 +12,12 @@ Rules:
   forwarded to the whole group. If the group is still there --grace
   seconds later, it gets SIGKILL.
 - If the lease is lost while the command runs, the group gets SIGTERM at
-  once and SIGKILL after --grace seconds, and the status is 76. --grace
-  must be shorter than --ttl, because another process may take the lock
-  about one ttl after the last renewal.
+  once and SIGKILL after --grace seconds, and the status is 76. Another
+  process may acquire the lock one ttl after the last renewal was sent,
+  and the lease counts as lost safety_margin before that, so exec builds
+  its lock with safety_margin = grace + margin_for(ttl): the group gets
+  SIGTERM at least grace + margin, and SIGKILL at least margin, before
+  another holder can acquire.
 - When the command exits, processes it left in its group (a background
   job of a wrapped shell, say) get SIGTERM, then SIGKILL after --grace,
   before the lock is released, so none of them runs without the lock.
@@ -66,13 +69,19 @@ exit status:
          not answer; the command was not started
   76     the lease was lost while the command ran; the command's process
          group got SIGTERM, then SIGKILL after --grace seconds
-  78     invalid configuration (lock URL, --grace not below --ttl)
+  78     invalid configuration (lock URL, a --grace that leaves no time
+         to renew within --ttl)
   126    the command could not be executed; 127: it was not found
 A command that itself exits with 75 or 76 cannot be distinguished from
 these; the log lines on stderr show which it was.
 
 The command gets SINGLEWRITER_TOKEN (the fencing token) and
 SINGLEWRITER_LOCK_NAME in its environment.
+
+If the lease is lost, the command gets SIGTERM at least GRACE + margin
+before another holder can acquire, and SIGKILL before that; margin is
+max(ttl/10, 0.5) seconds. --grace must stay below 2*ttl/3 - margin so
+that renewals every ttl/3 fit before the lease counts as lost.
 
 example:
   singlewriter exec --lock file:///var/lib/singlewriter/locks \\
@@ -119,7 +128,7 @@ def add_parser(subparsers: argparse._SubParsersAction[CommandParser]) -> Options
         default=10.0,
         metavar="SECONDS",
         help="time between SIGTERM and SIGKILL for the command's process group;"
-        " must be below --ttl",
+        " must be below 2*ttl/3 - max(ttl/10, 0.5)",
     )
     parser.add_argument(
         "argv",
@@ -137,19 +146,34 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         command = command[1:]
     if not command:
         raise ConfigError("exec needs a command after --, such as -- certbot renew")
-    if args.grace >= args.ttl:
+    margin = safety_margin(args.ttl, args.grace)
+    renew_interval = args.ttl / 3
+    if renew_interval >= args.ttl - margin:
+        limit = max(0.0, args.ttl - renew_interval - (margin - args.grace))
         raise ConfigError(
-            f"--grace {args.grace:g} s must be shorter than --ttl {args.ttl:g} s:"
-            " another process may take the lock about one ttl after it is lost"
+            f"--grace {args.grace:g} s is too long for --ttl {args.ttl:g} s:"
+            f" the lease must count as lost {margin:g} s (grace + margin) before"
+            f" it expires, which leaves no time to renew every {renew_interval:g} s;"
+            f" use a --grace below {limit:g} s or a longer --ttl"
         )
 
-    lock = lock_from_url(args.lock, args.name, ttl=args.ttl)
+    lock = lock_from_url(args.lock, args.name, ttl=args.ttl, safety_margin=margin)
     signals = _Signals()
     signals.install()
     try:
         return _run_locked(lock, command, args, environ, signals)
     finally:
         signals.restore()
+
+
+def safety_margin(ttl: float, grace: float) -> float:
+    """Return the lock's safety_margin in seconds for exec's --ttl and --grace.
+
+    The lease counts as lost safety_margin before another process can
+    acquire, so the group gets SIGTERM then and SIGKILL grace seconds later,
+    still max(ttl/10, 0.5) s before the lock can change hands.
+    """
+    return grace + max(ttl / 10, 0.5)
 
 
 def _run_locked(

@@ -91,7 +91,7 @@ def _add_certificate_options(options: Options) -> None:
         "--name",
         metavar="NAME",
         help="lock name shared by every renewer of this certificate",
-        show_default="the first --domain without a leading '*.'",
+        show_default="the alphabetically first --domain without a leading '*.'",
     )
     options.add(
         "--store", required=True, type=Path, metavar="DIR", help="key store directory"
@@ -246,11 +246,16 @@ def load_acme() -> ModuleType:
 
 
 def default_lock_name(domains: list[str]) -> str:
-    """Return the lock name for ``domains``: the first, without ``*.``.
+    """Check ``domains`` and return their lock name, as ``acme.renew`` derives it.
 
-    This is the rule ``singlewriter.acme.renew`` applies without lock_name.
+    The domains are validated first, so that an invalid name is reported as
+    an invalid domain name rather than as an invalid lock name. Raise
+    ConfigError for an invalid name.
     """
-    return domains[0].strip().lower().rstrip(".").removeprefix("*.")
+    from singlewriter.acme._domains import default_lock_name as derive_name
+    from singlewriter.acme._domains import normalize_domains
+
+    return derive_name(normalize_domains(domains))
 
 
 @dataclass(frozen=True)
@@ -268,10 +273,12 @@ class Renewer:
 
     def __init__(self, args: argparse.Namespace, environ: Mapping[str, str]) -> None:
         self.args = args
-        self.domains: list[str] = list(args.domain)
-        self.name: str = args.name or default_lock_name(self.domains)
         self.metrics = open_metrics(args)
         self.acme = load_acme()
+        self.domains: list[str] = list(args.domain)
+        # Checked even with --name, so a bad domain is reported as one.
+        derived_name = default_lock_name(self.domains)
+        self.name: str = args.name or derived_name
         self.lock: Lock = lock_from_url(args.lock, self.name, ttl=args.ttl)
         if self.metrics is not None:
             self.metrics.instrument(self.lock)

@@ -47,6 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction[CommandParser]) -> Options
     return options
 
 
+# TODO: opening the KeyStore runs recovery under the store lock, so status
+# may write (republish a generation), which its --help does not say.
 def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Print the lock and store state; return 0, or 1 if the lock was unreadable."""
     if args.lock is None and args.store is None:
