@@ -23,7 +23,9 @@ creating :class:`RenewalMetrics` without it raises ConfigError.
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import threading
 import weakref
 from datetime import datetime
@@ -202,7 +204,7 @@ class RenewalMetrics:
         except OSError as exc:
             raise ConfigError(
                 f"cannot serve metrics on {address}:{port}: {exc.strerror or exc};"
-                " choose a free port with --metrics-port"
+                f" {_bind_advice(exc)}"
             ) from exc
         self._server = server
         bound: int = server.server_address[1]
@@ -216,6 +218,14 @@ class RenewalMetrics:
             self._server.server_close()
             self._server = None
         self.flush()
+
+
+def _bind_advice(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return "give an IP address of this host with --metrics-address"
+    if exc.errno == errno.EACCES:
+        return "choose a port above 1023 with --metrics-port"
+    return "choose a free port with --metrics-port"
 
 
 def _any_held(leases: weakref.WeakSet[Lease]) -> float:

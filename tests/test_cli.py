@@ -9,10 +9,12 @@ the real client against Pebble.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -33,10 +35,12 @@ from singlewriter import (
     LockTimeout,
     SingleWriterError,
     StaleTokenError,
+    StoreError,
     Terminated,
 )
 from singlewriter.backends.file import FileLock
-from singlewriter.cli import _renewal, _run, build_parser, main
+from singlewriter.cli import _renewal, _run, _status, build_parser, main
+from singlewriter.cli._advice import for_command_line
 from singlewriter.cli._hooks import HOOK_NAME
 from singlewriter.cli._logging import redact
 from singlewriter.keystore import KeyStore
@@ -221,9 +225,8 @@ def test_invalid_flag_variable(
     monkeypatch.setenv("SINGLEWRITER_FORCE", "maybe")
 
     assert main(renew_argv(paths)) == 2
-    assert (
-        "SINGLEWRITER_FORCE='maybe' is invalid: use 1 or 0" in capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert "SINGLEWRITER_FORCE='maybe' is invalid: use 1/0, true/false" in err
 
 
 def test_renew_from_environment(
@@ -1168,3 +1171,177 @@ def test_bad_domain_reported_as_domain(
     assert f"domain name {domain!r} is invalid" in err or "IP address" in err
     assert expected in err
     assert "lock name" not in err
+
+
+def test_renew_sigterm_during_hook(paths: SimpleNamespace, tmp_path: Path) -> None:
+    """SIGTERM while the deploy hook runs stops it and reports the commit."""
+    files = tmp_path / "files.json"
+    files.write_text(json.dumps({k: v.decode() for k, v in issue().items()}))
+    started = tmp_path / "hook-started"
+    script = runner_script(
+        tmp_path,
+        f"""
+        import json
+        from singlewriter.acme._interrupt import terminate_on_signals
+        with open({str(files)!r}) as handle:
+            pem = {{k: v.encode() for k, v in json.load(handle).items()}}
+        with terminate_on_signals(True) as guard, kwargs["lock"] as lease:
+            with guard.deferred():
+                generation = kwargs["store"].commit(lease.token, pem)
+        return Result(True, "no certificate yet", generation.sequence, lease.token)
+        """,
+    )
+    hook = f"sh -c 'echo hook output; touch {started}; sleep 60'"
+    process = start_runner(script, renew_argv(paths, "--deploy-hook", hook))
+    try:
+        wait_for(started)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=20)
+        elapsed = time.monotonic() - sent
+    finally:
+        process.kill()
+        process.communicate()
+
+    assert elapsed < 10, "the hook must be stopped, not awaited"
+    assert process.returncode == 0
+    lines = out.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("renewed example.test: generation 1, token ")
+    assert "the deploy hook was stopped by signal 15" in lines[0]
+    assert "hook output" in err
+
+
+def test_renew_hook_output_to_stderr(
+    acme: FakeACME, paths: SimpleNamespace, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The deploy hook's stdout never mixes into the one result line."""
+    acme.behaviour = commit_and_renew
+
+    status = main(renew_argv(paths, "--deploy-hook", "echo from-the-hook"))
+
+    captured = capfd.readouterr()
+    assert status == 0
+    assert captured.out.count("\n") == 1
+    assert captured.out.startswith("renewed example.test: generation 1")
+    assert "from-the-hook" in captured.err
+
+
+def test_renew_failure_no_traceback(
+    acme: FakeACME, paths: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failed renewal logs one line at the default level, a traceback at debug."""
+
+    def fail(call: dict[str, Any]) -> Result:
+        try:
+            raise ConnectionRefusedError("connection refused")
+        except OSError as exc:
+            raise SingleWriterError("the ACME server could not be reached") from exc
+
+    acme.behaviour = fail
+
+    assert main(renew_argv(paths)) == 1
+    err = capsys.readouterr().err
+    assert "renewal of 'example.test' failed" in err
+    assert "Traceback" not in err
+
+    assert main(renew_argv(paths, "--log-level", "debug")) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_renew_store_unopenable(
+    acme: FakeACME, paths: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store that cannot be created gives one result line and status 1."""
+    argv = renew_argv(paths)
+    argv[argv.index(str(paths.store))] = "/proc/sys/store"
+
+    status = main(argv)
+
+    captured = capsys.readouterr()
+    assert status == 1
+    assert captured.out.startswith("failed example.test: StoreError: ")
+    assert captured.out.count("\n") == 1
+    assert "Traceback" not in captured.err
+
+
+def test_status_store_error_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An unexpected store error is one stderr line with status 1."""
+
+    def unopenable(*args: object, **kwargs: object) -> None:
+        raise StoreError("creating directory x failed: Read-only file system")
+
+    monkeypatch.setattr(_status, "KeyStore", unopenable)
+
+    status = main(["status", "--store", str(tmp_path)])
+
+    captured = capsys.readouterr()
+    assert status == 1
+    assert captured.err == (
+        "singlewriter status: error: StoreError: creating directory x failed:"
+        " Read-only file system\n"
+    )
+
+
+@pytest.mark.parametrize("option", ["--interval", "--jitter", "--retry-interval"])
+@pytest.mark.parametrize("value", ["1e12", "1e300"])
+def test_run_rejects_huge_waits(
+    acme: FakeACME,
+    paths: SimpleNamespace,
+    capsys: pytest.CaptureFixture[str],
+    option: str,
+    value: str,
+) -> None:
+    """Waits above 366 days are a usage error before the first check."""
+    assert main(run_argv(paths, option, value)) == 2
+    assert "too long" in capsys.readouterr().err
+    assert acme.calls == []
+
+
+@pytest.mark.parametrize(
+    ("cause", "expected"),
+    [
+        (OSError(errno.EADDRINUSE, "Address in use"), "choose another --http01-port"),
+        (OSError(errno.EADDRNOTAVAIL, "Cannot assign"), "address of this host"),
+        (socket.gaierror(-2, "Name or service not known"), "address of this host"),
+    ],
+)
+def test_bind_advice_names_flags(cause: OSError, expected: str) -> None:
+    """Advice for an HTTP-01 listen failure fits the error and names CLI flags."""
+    error = SingleWriterError(
+        "the HTTP-01 server could not listen on x port 80: failed. Free the port,"
+        " run with the right to bind it, or use HTTP01Webroot or DNS01Hook."
+    )
+    error.__cause__ = cause
+
+    message = for_command_line(str(error), error)
+
+    assert expected in message
+    assert "--webroot or --dns-hook" in message
+    assert "HTTP01Webroot" not in message
+
+
+def test_advice_names_ca_bundle_flag() -> None:
+    """The TLS failure advice names --ca-bundle, not a Python argument."""
+    message = for_command_line("could not be verified. Pass ca_bundle= with the PEM")
+
+    assert message == "could not be verified. Pass --ca-bundle with the PEM"
+
+
+def test_http01_address_must_be_ip(
+    acme: FakeACME, paths: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A name in --http01-address is a usage error, not a bind failure."""
+    assert main(renew_argv(paths, "--http01-address", "junk")) == 2
+    assert "is not an IP address" in capsys.readouterr().err
+
+
+def test_key_types_match_client() -> None:
+    """--key-type accepts every key type that renew() accepts."""
+    from singlewriter.acme import KEY_TYPES
+
+    assert _renewal.KEY_TYPES == KEY_TYPES

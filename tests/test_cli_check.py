@@ -42,6 +42,7 @@ def issue(
     *,
     days_left: float = 60.0,
     not_before: datetime | None = None,
+    subject_alt_name: bool = True,
 ) -> dict[str, bytes]:
     """Return the four PEM files of a fresh leaf valid for ``days_left`` more days."""
     now = datetime.now(timezone.utc)
@@ -58,7 +59,7 @@ def issue(
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(_name(domains[0]))
         .issuer_name(ca.subject)
@@ -66,12 +67,13 @@ def issue(
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before or now - timedelta(days=1))
         .not_valid_after(now + timedelta(days=days_left))
-        .add_extension(
+    )
+    if subject_alt_name:
+        builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.DNSName(d) for d in domains]),
             critical=False,
         )
-        .sign(ca_key, hashes.SHA256())
-    )
+    leaf = builder.sign(ca_key, hashes.SHA256())
     cert = leaf.public_bytes(serialization.Encoding.PEM)
     chain = ca.public_bytes(serialization.Encoding.PEM)
     return {
@@ -349,3 +351,37 @@ def test_check_reads_one_generation(
 
     assert status == 0
     assert "generation 2" in lines[0]
+
+
+def test_check_common_name_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A certificate with a CN but no subjectAltName covers no name."""
+    cert, key = write_plain(
+        tmp_path / "live", issue(("cn.test",), subject_alt_name=False)
+    )
+
+    status, lines = run_check(
+        capsys, "--cert", str(cert), "--key", str(key), "-d", "cn.test"
+    )
+
+    assert status == 1
+    assert lines == [
+        "unhealthy: certificate does not cover cn.test (it names no name in a"
+        " subjectAltName)"
+    ]
+
+
+def test_check_input_size_cap(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An endless input such as /dev/zero is rejected after 1 MiB."""
+    _, key = write_plain(tmp_path / "live", issue())
+
+    status, lines = run_check(capsys, "--cert", "/dev/zero", "--key", str(key))
+
+    assert status == 1
+    assert lines == [
+        "unhealthy: certificate /dev/zero is larger than 1048576 bytes (1 MiB);"
+        " give the PEM file itself"
+    ]

@@ -51,6 +51,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert "result: every guarantee held" in output
     assert "killed renewer" in output
     assert "replayed -> rejected" in output
+    assert "WARNING" not in output, "the report has no raw log lines"
     assert "healthy: certificate for demo.singlewriter.example" in output
     # The demo promises to fit in about 30 s; allow for a slow CI machine.
     assert elapsed < 90, f"the demo took {elapsed:.1f} s"

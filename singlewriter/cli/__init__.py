@@ -18,7 +18,8 @@ from types import ModuleType
 from singlewriter import ConfigError, Terminated, __version__
 
 from . import _check, _demo, _exec, _exit, _renew, _run, _status
-from ._logging import LEVELS, configure, redact
+from ._advice import for_command_line
+from ._logging import LEVELS, configure, redact, traceback_of
 from ._options import (
     ENVIRONMENT_EPILOG,
     CommandParser,
@@ -113,7 +114,7 @@ def _run_command(
     try:
         return command(args, environ)
     except ConfigError as exc:
-        message = redact(str(exc))
+        message = redact(for_command_line(str(exc), exc))
         print_line(f"singlewriter {name}: error: {message}", error=True)
         return _exit.UNHEALTHY if name == "check" else _exit.CONFIG
     except Terminated as exc:
@@ -121,6 +122,15 @@ def _run_command(
         return _exit.signal_status(exc.signum)
     except KeyboardInterrupt:
         return _exit.signal_status(2)
+    except Exception as exc:
+        # An error the command did not map to a status of its own, such as a
+        # store that cannot be opened: one line, the traceback only at debug.
+        message = redact(for_command_line(str(exc), exc))
+        log.debug("singlewriter %s failed", name, exc_info=traceback_of(log, exc))
+        print_line(
+            f"singlewriter {name}: error: {type(exc).__name__}: {message}", error=True
+        )
+        return _exit.FAILURE
 
 
 def _exit_code(exc: SystemExit) -> int:

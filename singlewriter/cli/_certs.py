@@ -36,6 +36,11 @@ __all__ = [
 _GENERATION = re.compile(r"\.\.gen-0*(\d+)")
 _READ_ATTEMPTS = 5
 
+#: The largest certificate or key file read, in bytes (1 MiB). A chain of a
+#: few PEM certificates is well under 20 KiB, so this only stops a device or
+#: a huge file from being read into memory.
+MAX_FILE_SIZE = 1024 * 1024
+
 
 class Unhealthy(Exception):
     """The certificate or key cannot be used; the message gives the reason."""
@@ -93,13 +98,19 @@ def _targets(cert_path: Path, key_path: Path) -> tuple[str, str]:
 
 
 def _read(path: Path, what: str) -> bytes:
-    # TODO: no size cap yet, so --cert /dev/zero reads without limit.
     try:
-        return path.read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_SIZE + 1)
     except FileNotFoundError:
         raise Unhealthy(f"{what} {path} is missing") from None
     except OSError as exc:
         raise Unhealthy(f"{what} {path} cannot be read: {exc.strerror}") from None
+    if len(data) > MAX_FILE_SIZE:
+        raise Unhealthy(
+            f"{what} {path} is larger than {MAX_FILE_SIZE} bytes (1 MiB);"
+            " give the PEM file itself"
+        )
+    return data
 
 
 def _parse_certificate(path: Path, data: bytes) -> x509.Certificate:
@@ -133,22 +144,18 @@ def _generation_of(target: str) -> int | None:
 
 
 def certificate_names(certificate: x509.Certificate) -> list[str]:
-    """Return the DNS names and IP addresses a certificate is valid for.
+    """Return the DNS names and IP addresses in the subjectAltName extension.
 
-    Subject alternative names are used when present; the subject common
-    name counts only without them, as RFC 6125 section 6.4.4 allows.
+    The subject common name is never used: RFC 6125 section 6.4.4 lets a
+    client ignore it, and browsers do, so a certificate without a
+    subjectAltName covers no name.
     """
     try:
         extension = certificate.extensions.get_extension_for_class(
             x509.SubjectAlternativeName
         )
     except x509.ExtensionNotFound:
-        # TODO: RFC 6125 section 6.4.4 lets a client that expects SANs ignore
-        # the CN; this CN fallback reports a SAN-less certificate as covering.
-        common_names = certificate.subject.get_attributes_for_oid(
-            x509.NameOID.COMMON_NAME
-        )
-        return [str(attribute.value) for attribute in common_names]
+        return []
     names = extension.value.get_values_for_type(x509.DNSName)
     addresses = extension.value.get_values_for_type(x509.IPAddress)
     return [*names, *(str(address) for address in addresses)]
@@ -223,7 +230,7 @@ def evaluate(
         return Health(
             False,
             f"unhealthy: certificate does not cover {', '.join(missing)}"
-            f" (it names {', '.join(names) or 'nothing'})",
+            f" (it names {', '.join(names) or 'no name in a subjectAltName'})",
         )
     if days_left < min_days:
         return Health(

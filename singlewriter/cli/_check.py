@@ -14,7 +14,7 @@ __all__ = ["add_parser", "run"]
 
 EPILOG = """\
 exit status:
-  0  healthy: key matches, names covered, more than --min-days left
+  0  healthy: key matches, names covered, at least --min-days left
   1  unhealthy, or invalid options (Docker HEALTHCHECK reserves 2)
 Exactly one line on stdout gives the reason. The check takes no lock and writes
 nothing, so it works on a read-only mount."""
@@ -27,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction[CommandParser]) -> Options
         help="check that the live certificate is usable (exit 0 or 1)",
         description=(
             "Check the live certificate: present, matching its private key,"
-            " valid now, covering every --domain and with more than --min-days"
+            " valid now, covering every --domain and with at least --min-days"
             " left. Give --store, or --cert and --key."
         ),
         epilog=EPILOG,

@@ -21,6 +21,7 @@ Pebble is not built.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -33,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,7 +365,8 @@ def _replay_is_rejected(store: KeyStore, token: int, paths: dict[str, Path]) -> 
     files = {item.name: item.read_bytes() for item in directory.iterdir()}
     before = store.current_generation()
     try:
-        store.commit(token, files)
+        with _quiet_store_log():
+            store.commit(token, files)
     except StaleTokenError as exc:
         after = store.current_generation()
         unchanged = before == after
@@ -375,6 +377,24 @@ def _replay_is_rejected(store: KeyStore, token: int, paths: dict[str, Path]) -> 
             f" store {'did not change' if unchanged else 'CHANGED'}",
         )
     return Check(False, f"the stale token {token} was accepted by the store")
+
+
+@contextlib.contextmanager
+def _quiet_store_log() -> Iterator[None]:
+    """Hide the store's WARNING for the replay, which the report line states.
+
+    At --log-level debug the warning is still logged.
+    """
+    store_log = logging.getLogger("singlewriter.keystore")
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    level = store_log.level
+    store_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        store_log.setLevel(level)
 
 
 def _live_certificate(store_path: Path) -> Check:

@@ -13,7 +13,7 @@ import re
 import sys
 from typing import TextIO
 
-__all__ = ["LEVELS", "RedactingFormatter", "configure", "redact"]
+__all__ = ["LEVELS", "RedactingFormatter", "configure", "redact", "traceback_of"]
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -38,6 +38,15 @@ def redact(text: str) -> str:
     text = _URL_PASSWORD.sub(r"\g<head>***@", text)
     text = _SECRET_PARAMETER.sub(r"\g<head>***", text)
     return _PRIVATE_KEY.sub(r"-----BEGIN \g<kind>PRIVATE KEY----- *** (redacted)", text)
+
+
+def traceback_of(logger: logging.Logger, exc: BaseException) -> BaseException | None:
+    """Return ``exc`` for ``exc_info`` at --log-level debug, else None.
+
+    At the default level an error is one line; its traceback is only for
+    debugging.
+    """
+    return exc if logger.isEnabledFor(logging.DEBUG) else None
 
 
 class RedactingFormatter(logging.Formatter):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from singlewriter.metrics import RenewalMetrics
 
-from ._options import Options, port
+from ._options import Options, ip_address, port
 
 __all__ = ["add_metrics_options", "open_metrics"]
 
@@ -23,9 +23,10 @@ def add_metrics_options(options: Options) -> None:
     )
     options.add(
         "--metrics-address",
+        type=ip_address,
         default="127.0.0.1",
         metavar="ADDRESS",
-        help="address the metrics port binds; 0.0.0.0 exposes it to the network",
+        help="IP address the metrics port binds; 0.0.0.0 exposes it to the network",
     )
     options.add(
         "--metrics-textfile",

@@ -15,6 +15,7 @@ Rules:
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import re
@@ -30,6 +31,7 @@ __all__ = [
     "CommandParser",
     "Options",
     "days",
+    "ip_address",
     "port",
     "positive_seconds",
     "seconds",
@@ -42,7 +44,9 @@ environment:
   Every option can also be set with an environment variable: --foo-bar is
   SINGLEWRITER_FOO_BAR (for example --lock is SINGLEWRITER_LOCK). The
   command line wins over the environment. Repeatable options such as
-  --domain take a list separated by commas or spaces; flags take 1 or 0."""
+  --domain take a list separated by commas or spaces; flags take 1/0,
+  true/false, yes/no or on/off. A variable such as SINGLEWRITER_TTL sets
+  that option for every command that has it, each with its own limits."""
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
@@ -158,7 +162,9 @@ class Options:
             return True
         if text in _FALSE:
             return False
-        self.parser.error(f"{option.env}={raw!r} is invalid: use 1 or 0")
+        self.parser.error(
+            f"{option.env}={raw!r} is invalid: use 1/0, true/false, yes/no or on/off"
+        )
 
     def _convert(self, option: _Option, raw: str) -> Any:
         try:
@@ -228,6 +234,16 @@ def port(text: str) -> int:
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is out of range; use 1 to 65535")
     return value
+
+
+def ip_address(text: str) -> str:
+    """Parse an IPv4 or IPv6 address to bind, such as 0.0.0.0 or ::."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an IP address; give one such as 127.0.0.1, 0.0.0.0 or ::"
+        ) from None
 
 
 def _finite(text: str, unit: str) -> float:

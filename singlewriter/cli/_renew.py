@@ -6,10 +6,17 @@ import argparse
 import logging
 from collections.abc import Mapping
 
-from singlewriter import Terminated
+from singlewriter import ConfigError, Terminated
 
 from ._options import CommandParser, Options, print_line
-from ._renewal import RENEWAL_EPILOG, Renewer, add_renewal_options, stop_on_signals
+from ._renewal import (
+    RENEWAL_EPILOG,
+    Renewer,
+    add_renewal_options,
+    lock_name,
+    outcome_of_error,
+    stop_on_signals,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -40,10 +47,26 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _renew(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    renewer = Renewer(args, environ)
     try:
+        renewer = Renewer(args, environ)
+    except (ConfigError, Terminated):
+        raise
+    except Exception as exc:
+        # The store, lock or metrics could not be opened: still one result line.
+        outcome = outcome_of_error(exc, lock_name(args))
+        print_line(outcome.line)
+        return outcome.status
+    try:
+        before = renewer.current_sequence()
         outcome = renewer.renew_once()
     except Terminated as exc:
+        committed = renewer.committed_since(before)
+        if committed is not None:
+            # The signal waited for the commit; only the deploy hook was cut.
+            line = f"{committed.line}; {_interruption(renewer, exc.signum)}"
+            log.warning("%s", line)
+            print_line(line)
+            return committed.status
         log.warning("renewal of %r stopped by signal %d", renewer.name, exc.signum)
         print_line(f"terminated {renewer.name}: signal {exc.signum}")
         return int(exc.code or 1)
@@ -51,3 +74,13 @@ def _renew(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         renewer.close()
     print_line(outcome.line)
     return outcome.status
+
+
+def _interruption(renewer: Renewer, signum: int) -> str:
+    hook = renewer.hook
+    if hook is not None and hook.interrupted_by is not None:
+        return (
+            f"the deploy hook was stopped by signal {signum}; run it by hand to"
+            " reload the new certificate"
+        )
+    return f"stopped by signal {signum} after the commit"

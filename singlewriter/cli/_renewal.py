@@ -29,36 +29,42 @@ from singlewriter import (
 from singlewriter.keystore import KeyStore
 
 from . import _exit
+from ._advice import for_command_line
 from ._hooks import CommandHook
-from ._logging import redact
+from ._logging import redact, traceback_of
 from ._metrics import add_metrics_options, open_metrics
-from ._options import Options, fraction, port, positive_seconds, seconds
+from ._options import Options, fraction, ip_address, port, positive_seconds, seconds
 
 __all__ = [
     "Outcome",
     "Renewer",
     "add_renewal_options",
     "load_acme",
+    "lock_name",
     "outcome_of_error",
     "stop_on_signals",
 ]
 
 log = logging.getLogger("singlewriter.cli")
 
-KEY_TYPES = ("ec-p256", "rsa-2048", "rsa-3072")
+# The key types renew() accepts (singlewriter.acme.KEY_TYPES), listed here
+# so that --help shows them without importing the ACME client.
+KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 RENEWAL_EPILOG = """\
 exit status:
-  0    renewed, or not due yet
-  1    the renewal failed (ACME, store or backend error)
+  0    renewed, or not due yet; also after a commit that a signal
+       interrupted in its deploy hook (the result line says so)
+  1    the renewal failed (ACME, store or backend error), or the key
+       store could not be opened
   2    invalid command line or environment variable
   75   the lock stayed held elsewhere for the whole --lock-timeout
   76   the lease was lost, or the store rejected this token as stale
   78   invalid configuration (lock URL, store path, option values)
-  130, 143  stopped by SIGINT or SIGTERM (128 + signal number); the lock
-            was released"""
+  129, 130, 143  stopped by SIGHUP, SIGINT or SIGTERM (128 + signal
+            number) before a commit; the lock was released"""
 
 
 def add_renewal_options(options: Options) -> None:
@@ -134,7 +140,8 @@ def _add_acme_options(options: Options) -> None:
         type=fraction,
         default=1 / 3,
         metavar="FRACTION",
-        help="renew when less than this fraction of the lifetime is left",
+        help="renew when at most this fraction of the lifetime is left, if the"
+        " CA sends no renewal window",
         show_default="0.333",
     )
     options.add("--force", flag=True, help="renew even if the certificate is not due")
@@ -168,7 +175,8 @@ def _add_challenge_options(options: Options) -> None:
     options.add(
         "--http01-address",
         metavar="ADDRESS",
-        help="address the built-in HTTP-01 responder binds",
+        type=ip_address,
+        help="IP address the built-in HTTP-01 responder binds",
         show_default="every address",
     )
     options.add(
@@ -214,7 +222,8 @@ def _add_store_options(options: Options) -> None:
         type=positive_seconds,
         default=300.0,
         metavar="SECONDS",
-        help="kill the deploy hook after this long",
+        help="kill the deploy hook after this long; SIGTERM, SIGHUP or SIGINT"
+        " stop it sooner",
     )
 
 
@@ -258,6 +267,12 @@ def default_lock_name(domains: list[str]) -> str:
     return derive_name(normalize_domains(domains))
 
 
+def lock_name(args: argparse.Namespace) -> str:
+    """Return the lock name: --name, or the one derived from the domains."""
+    derived_name = default_lock_name(list(args.domain))
+    return str(args.name or derived_name)
+
+
 @dataclass(frozen=True)
 class Outcome:
     """The result of one renewal attempt: exit status and one summary line."""
@@ -277,8 +292,7 @@ class Renewer:
         self.acme = load_acme()
         self.domains: list[str] = list(args.domain)
         # Checked even with --name, so a bad domain is reported as one.
-        derived_name = default_lock_name(self.domains)
-        self.name: str = args.name or derived_name
+        self.name: str = lock_name(args)
         self.lock: Lock = lock_from_url(args.lock, self.name, ttl=args.ttl)
         if self.metrics is not None:
             self.metrics.instrument(self.lock)
@@ -304,6 +318,30 @@ class Renewer:
         """Return notAfter of the published certificate, None if none is."""
         generation = self.store.current_generation()
         return None if generation is None else generation.not_after
+
+    def current_sequence(self) -> int | None:
+        """Return the sequence of the published generation, None if none is."""
+        generation = self.store.current_generation()
+        return None if generation is None else generation.sequence
+
+    def committed_since(self, sequence: int | None) -> Outcome | None:
+        """Return the renewed outcome if a generation after ``sequence`` is live.
+
+        A signal during renew() waits for a commit that has begun, so after
+        Terminated the new certificate may be live; None means it is not.
+        """
+        try:
+            generation = self.store.current_generation()
+        except Exception as exc:
+            log.debug("store state after the signal is unknown: %s", exc)
+            return None
+        if generation is None or generation.sequence == sequence:
+            return None
+        line = (
+            f"renewed {self.name}: generation {generation.sequence}, token"
+            f" {generation.token}, expires {_iso(generation.not_after)}"
+        )
+        return Outcome(_exit.OK, line, renewed=True, not_after=generation.not_after)
 
     def renew_once(self, check_interval: float | None = None) -> Outcome:
         """Run one renewal and return its outcome; Terminated propagates.
@@ -374,7 +412,7 @@ def _sequence(generation: Any) -> Any:
 
 def outcome_of_error(exc: BaseException, name: str) -> Outcome:
     """Map an error from a renewal to its exit status and summary line."""
-    message = redact(str(exc))
+    message = redact(for_command_line(str(exc), exc))
     if isinstance(exc, (LockTimeout, LockBusy)):
         log.warning("lock %r not acquired: %s", name, message)
         return Outcome(_exit.NOT_ACQUIRED, f"not acquired {name}: {message}")
@@ -384,7 +422,9 @@ def outcome_of_error(exc: BaseException, name: str) -> Outcome:
     if isinstance(exc, ConfigError):
         log.error("invalid configuration for %r: %s", name, message)
         return Outcome(_exit.CONFIG, f"invalid configuration {name}: {message}")
-    log.error("renewal of %r failed: %s", name, message, exc_info=exc)
+    log.error(
+        "renewal of %r failed: %s", name, message, exc_info=traceback_of(log, exc)
+    )
     return Outcome(_exit.FAILURE, f"failed {name}: {type(exc).__name__}: {message}")
 
 

@@ -40,10 +40,36 @@ RUN_EPILOG = """\
 exit status:
   The loop logs each failed check and tries again after --retry-interval;
   it ends only for these reasons:
-  2    invalid command line or environment variable
+  1    the key store, lock or metrics could not be opened at start
+  2    invalid command line or environment variable, such as an
+       --interval, --jitter or --retry-interval above 366 days
   78   invalid configuration (lock URL, store path, option values)
-  130, 143  stopped by SIGINT or SIGTERM (128 + signal number); the lock
-            was released"""
+  129, 130, 143  stopped by SIGHUP, SIGINT or SIGTERM (128 + signal
+            number); the lock was released"""
+
+#: The longest --interval, --jitter and --retry-interval, in seconds (366
+#: days). Longer waits exceed what datetime and time.sleep() accept, and no
+#: certificate of a public CA lives longer than 398 days.
+MAX_WAIT = 366 * 86400.0
+
+
+def _wait(text: str) -> float:
+    """Parse seconds from 0 to MAX_WAIT."""
+    return _at_most_max_wait(text, seconds(text))
+
+
+def _positive_wait(text: str) -> float:
+    """Parse seconds above 0 and at most MAX_WAIT."""
+    return _at_most_max_wait(text, positive_seconds(text))
+
+
+def _at_most_max_wait(text: str, value: float) -> float:
+    if value > MAX_WAIT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is too long; use at most {MAX_WAIT:.0f} seconds (366 days)"
+        )
+    return value
+
 
 #: The sleep between checks; tests replace it.
 sleep: Callable[[float], None] = time.sleep
@@ -64,21 +90,21 @@ def add_parser(subparsers: argparse._SubParsersAction[CommandParser]) -> Options
     add_renewal_options(options)
     options.add(
         "--interval",
-        type=positive_seconds,
+        type=_positive_wait,
         default=3600.0,
         metavar="SECONDS",
         help="time between checks",
     )
     options.add(
         "--jitter",
-        type=seconds,
+        type=_wait,
         default=300.0,
         metavar="SECONDS",
         help="random extra delay of up to this long before each check",
     )
     options.add(
         "--retry-interval",
-        type=positive_seconds,
+        type=_positive_wait,
         default=300.0,
         metavar="SECONDS",
         help="time before the next check after a failed one",

@@ -24,7 +24,10 @@ exit status:
   1   the lock backend could not be read
   2   invalid command line or environment variable
   78  invalid configuration (lock URL, store path)
-Reading takes no lock and never delays a holder or a waiter."""
+Reading the lock takes no lock and never delays a holder or a waiter. Reading
+the store opens it, which runs its recovery under the store lock: status needs
+write access to the store, may finish or undo an interrupted commit, and waits
+while another process holds the store lock or runs a deploy hook."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction[CommandParser]) -> Options:
@@ -47,8 +50,6 @@ def add_parser(subparsers: argparse._SubParsersAction[CommandParser]) -> Options
     return options
 
 
-# TODO: opening the KeyStore runs recovery under the store lock, so status
-# may write (republish a generation), which its --help does not say.
 def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Print the lock and store state; return 0, or 1 if the lock was unreadable."""
     if args.lock is None and args.store is None:
@@ -78,8 +79,9 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def _store_state(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise ConfigError(f"store {path} does not exist or is not a directory")
-    # NOTE: opening a KeyStore runs its recovery, which may finish or clean
-    # up an interrupted commit, so status needs write access to the store.
+    # TODO: read the pointer and manifests without opening a KeyStore, so
+    # that status stays read-only. Opening it runs recovery under the store
+    # lock, which writes and waits for a running deploy hook (see EPILOG).
     store = KeyStore(path)
     current = store.current_generation()
     return {
