@@ -99,6 +99,22 @@ def authorities() -> tuple[Issuer, Issuer]:
     return root, Issuer(intermediate_cert, intermediate_key)
 
 
+def same_name_intermediate() -> Issuer:
+    """Return a CA named like the test intermediate, with a key of its own."""
+    root, _ = authorities()
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = _issue(
+        "Test Intermediate CA",
+        key.public_key(),
+        root,
+        root.key,
+        not_before=NOW - timedelta(days=3650),
+        not_after=NOW + timedelta(days=3650),
+        ca=True,
+    )
+    return Issuer(certificate, key)
+
+
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,

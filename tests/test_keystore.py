@@ -173,18 +173,20 @@ def test_live_paths_can_mix_across_swap(tmp_path: Path) -> None:
 
 
 def test_extra_names_are_published(tmp_path: Path) -> None:
-    """Names beyond the required four are published; a key inside gets 0600."""
+    """Extra names are published: certificate-only PEM 0644, anything else 0600."""
     store = open_store(tmp_path / "store")
     files = make_files()
     files["combined.pem"] = files["privkey.pem"] + files["fullchain.pem"]
     files["ocsp.der"] = b"\x30\x03\x0a\x01\x00"
+    files["issuer.pem"] = authorities()[1].pem
 
     store.commit(1, files)
 
     assert store.current() == files
     combined = store.live_path("combined.pem")
     assert stat.S_IMODE(os.stat(combined).st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(store.live_path("ocsp.der")).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(store.live_path("ocsp.der")).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(store.live_path("issuer.pem")).st_mode) == 0o644
 
 
 def test_dropped_name_loses_live_link(tmp_path: Path) -> None:
@@ -610,7 +612,7 @@ def test_regression_hook_runs_after_death(
     store = open_store(path, hooks=[hook])
     store.commit(1, make_files())
 
-    def die(*args: object) -> None:
+    def die(*args: object, **kwargs: object) -> None:
         raise SimulatedCrash
 
     with monkeypatch.context() as patch:

@@ -324,6 +324,37 @@ def test_crash_at_every_rollback_step(tmp_path: Path) -> None:
         assert_consistent(path, [first, second])
 
 
+def test_crash_at_every_reset_fence_step(tmp_path: Path) -> None:
+    """A crash at any step of reset_fence leaves the old fence or the new one."""
+    high = 1_796_401_000_000_000
+    dry = open_store(tmp_path / "dry", filesystem=FaultyFileSystem(skip_fsync=True))
+    dry.commit(high, make_files())
+    fs = FaultyFileSystem(skip_fsync=True)
+    dry = open_store(tmp_path / "dry", filesystem=fs)
+    fs.steps.clear()
+    dry.reset_fence(1, confirm=str(dry.path))
+    steps = [str(step) for step in fs.steps]
+    assert any(step.startswith("rename(") for step in steps)
+
+    for index in range(len(steps)):
+        path = tmp_path / f"reset-{index}"
+        files = make_files()
+        open_store(path, filesystem=FaultyFileSystem(skip_fsync=True)).commit(
+            high, files
+        )
+        fs = FaultyFileSystem(skip_fsync=True)
+        store = open_store(path, filesystem=fs)
+        fs.steps.clear()
+        fs.fail_at = index
+        with pytest.raises(SimulatedCrash):
+            store.reset_fence(1, confirm=str(store.path))
+        fs.release()
+
+        assert fs.after_crash == [], steps[index]
+        assert_consistent(path, [files])
+        assert open_store(path).highest_token in (high, 1), steps[index]
+
+
 def test_atomic_write_crash_at_every_step(tmp_path: Path) -> None:
     """A crash at any step of atomic_write leaves the old or the new content."""
     target = tmp_path / "account.key"

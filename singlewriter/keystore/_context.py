@@ -17,8 +17,8 @@ class StoreContext:
     """The configuration of one KeyStore, passed to its helper modules.
 
     Modes are the exact permission bits of new files and directories.
-    ``key_mode`` applies to ``privkey.pem`` and to any other file that
-    contains a PEM private key.
+    ``file_mode`` applies only to files that are PEM made of CERTIFICATE
+    blocks and nothing else, ``key_mode`` to every other file.
     """
 
     layout: StoreLayout

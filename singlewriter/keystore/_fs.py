@@ -29,9 +29,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Union
 
-from singlewriter._errors import StoreError
+from singlewriter._errors import ConfigError, StoreError
 
 from ._layout import temp_name
+from ._paths import path_argument
 
 __all__ = [
     "FileSystem",
@@ -39,6 +40,7 @@ __all__ = [
     "atomic_write",
     "create_file",
     "failure",
+    "file_lock",
     "fsync_directory",
     "remove_quietly",
     "remove_tree",
@@ -260,13 +262,25 @@ def atomic_write(
     StoreError is raised instead of calling fchmod. A symlink at ``path`` is
     replaced by the file, its target is left alone.
 
-    Raises StoreError when a step fails. Up to the rename, ``path`` still
-    contains the old content. If only the final directory fsync fails, the
-    new content is in place but may not survive a power loss. A process
-    that dies part way may leave a temporary file named ``.NAME.tmp-*``.
+    Raises ConfigError for an invalid path, data or mode, and StoreError
+    when a step fails. Up to the rename, ``path`` still contains the old
+    content. If only the final directory fsync fails, the new content is in
+    place but may not survive a power loss. A process that dies part way may
+    leave a temporary file named ``.NAME.tmp-*``.
     """
+    target = path_argument(path, "atomic_write path")
+    if not isinstance(data, bytes):
+        raise ConfigError(
+            f"invalid data for {target}: pass bytes, not {type(data).__name__}. "
+            "Encode text first, for example text.encode()"
+        )
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        mode_text = f"{mode:#o}" if isinstance(mode, int) else repr(mode)
+        raise ConfigError(
+            f"invalid mode {mode_text} for {target}: pass permission bits from "
+            "0o000 to 0o777, such as 0o600"
+        )
     fs = fs if fs is not None else FileSystem()
-    target = Path(path)
     temporary = target.parent / temp_name(f".{target.name}.tmp-", "write")
     exact_mode = mode & 0o077 == 0
 
@@ -282,12 +296,14 @@ def atomic_write(
 
 
 @contextlib.contextmanager
-def store_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path, *, wait: bool = True) -> Iterator[bool]:
     """Hold an exclusive flock(2) on ``path`` for the duration of the block.
 
-    The lock file is never deleted: a process that unlinked it could let the
-    next two lockers lock different inodes at the same time. flock gives no
-    exclusion between NFS clients, so a store on NFS needs one writer host.
+    Yields True when the lock is held. With ``wait=False`` a lock that
+    another open file holds is not waited for, and the block gets False.
+    The lock file is never deleted: a process that unlinked it could let
+    the next two lockers lock different inodes at the same time. flock gives
+    no exclusion between NFS clients, so a store on NFS needs one writer host.
     """
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -295,11 +311,26 @@ def store_lock(path: Path) -> Iterator[None]:
         raise failure("opening lock file", path, exc) from exc
 
     try:
-        # TODO: add a timeout; a writer whose deploy hook hangs blocks the
-        # next writer here for as long as the hook runs.
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            acquired = True
+        except BlockingIOError:
+            acquired = False
+        yield acquired
     finally:
         # Closing the descriptor releases the lock, as the kernel does when
         # the process dies, so this runs for every exception.
         os.close(fd)
+
+
+@contextlib.contextmanager
+def store_lock(path: Path) -> Iterator[None]:
+    """Hold the store lock at ``path``, waiting as long as another writer holds it.
+
+    Deploy hooks run after this lock is released, so a writer waits here
+    only for another writer's commit, rollback or recovery.
+    """
+    # TODO: add a timeout; a process stopped while it holds the lock (for
+    # example with SIGSTOP) blocks every writer and every repairing open.
+    with file_lock(path):
+        yield

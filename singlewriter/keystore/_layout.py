@@ -5,6 +5,7 @@ starts with one and cannot collide with a live name::
 
     STORE/
     ├── .lock                    flock(2) target, never deleted
+    ├── .hooks.lock              flock(2) target of deploy hook runs
     ├── .token                   highest fencing token, replaced atomically
     ├── ..current -> ..gen-00000007
     ├── ..gen-00000007/          one immutable generation
@@ -27,6 +28,7 @@ from pathlib import Path
 __all__ = [
     "DEPLOY_MARKER_NAME",
     "GENERATION_TEMP_PREFIX",
+    "HOOKS_LOCK_NAME",
     "MANIFEST_NAME",
     "REQUIRED_NAMES",
     "STORE_TEMP_PREFIX",
@@ -40,6 +42,7 @@ POINTER_NAME = "..current"
 GENERATION_PREFIX = "..gen-"
 STORE_TEMP_PREFIX = "..tmp-"
 LOCK_NAME = ".lock"
+HOOKS_LOCK_NAME = ".hooks.lock"
 TOKEN_NAME = ".token"  # noqa: S105 (a file name, not a secret)
 
 MANIFEST_NAME = ".manifest.json"
@@ -82,6 +85,10 @@ class StoreLayout:
     @property
     def lock(self) -> Path:
         return self.root / LOCK_NAME
+
+    @property
+    def hooks_lock(self) -> Path:
+        return self.root / HOOKS_LOCK_NAME
 
     @property
     def token(self) -> Path:

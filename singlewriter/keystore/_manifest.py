@@ -1,9 +1,14 @@
 """The manifest that makes a generation directory complete, and its reader.
 
 A generation is complete when its ``.manifest.json`` parses and every file it
-lists is present with the recorded size, mode and sha256. The manifest is
-written last and fsynced with its directory, so a generation interrupted at
-any point before that has no manifest and is never published.
+lists is present with the recorded size and sha256. The manifest is written
+last and fsynced with its directory, so a generation interrupted at any
+point before that has no manifest and is never published.
+
+The manifest also records each file's mode. A different mode on disk does
+not make a generation damaged, because an operator may change it on purpose
+(``chmod 640 privkey.pem``) and the content is still the committed one.
+Readers return such differences so that callers can report them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ __all__ = [
     "Generation",
     "InvalidGeneration",
     "Manifest",
+    "ModeDifference",
+    "StoredGeneration",
     "encode_manifest",
     "open_directory",
     "read_file_at",
@@ -179,6 +186,27 @@ def _parse_manifest(raw: bytes) -> Manifest:
     )
 
 
+@dataclass(frozen=True)
+class ModeDifference:
+    """A file whose mode on disk differs from the mode its manifest records."""
+
+    name: str
+    actual: int
+    recorded: int
+
+    def __str__(self) -> str:
+        return f"{self.name} is {self.actual:#o}, recorded {self.recorded:#o}"
+
+
+@dataclass(frozen=True)
+class StoredGeneration:
+    """A generation read from disk: its manifest, its files and their modes."""
+
+    manifest: Manifest
+    files: dict[str, bytes]
+    mode_differences: tuple[ModeDifference, ...]
+
+
 def open_directory(path: Path) -> int:
     """Open a directory for reading and return its descriptor.
 
@@ -228,36 +256,34 @@ def read_manifest(directory_fd: int, sequence: int | None) -> Manifest:
     return manifest
 
 
-def _read_listed_file(directory_fd: int, name: str, record: FileRecord) -> bytes:
+def _read_listed_file(
+    directory_fd: int, name: str, record: FileRecord
+) -> tuple[bytes, int]:
+    """Return the content and mode of a listed file, checking its size and sha256."""
     try:
         data, info = read_file_at(directory_fd, name)
     except FileNotFoundError:
         raise InvalidGeneration(f"{name} is missing", incomplete=False) from None
 
-    if stat.S_IMODE(info.st_mode) != record.mode:
-        raise InvalidGeneration(
-            f"{name} has mode {stat.S_IMODE(info.st_mode):#o}, the manifest "
-            f"records {record.mode:#o}",
-            incomplete=False,
-        )
     if len(data) != record.size or hashlib.sha256(data).hexdigest() != record.sha256:
         raise InvalidGeneration(
             f"{name} does not match its sha256 in the manifest", incomplete=False
         )
-    return data
+    return data, stat.S_IMODE(info.st_mode)
 
 
-def read_generation(
-    directory_fd: int, sequence: int | None
-) -> tuple[Manifest, dict[str, bytes]]:
+def read_generation(directory_fd: int, sequence: int | None) -> StoredGeneration:
     """Read a generation through its open directory and check its integrity.
 
     Raises InvalidGeneration when the manifest is missing or invalid, or when
-    a listed file is missing or differs from its record.
+    a listed file is missing or its content differs from its record. A mode
+    that differs from the record is returned in ``mode_differences``.
     """
     manifest = read_manifest(directory_fd, sequence)
-    files = {
-        name: _read_listed_file(directory_fd, name, record)
-        for name, record in manifest.files.items()
-    }
-    return manifest, files
+    files = {}
+    differences = []
+    for name, record in manifest.files.items():
+        files[name], mode = _read_listed_file(directory_fd, name, record)
+        if mode != record.mode:
+            differences.append(ModeDifference(name, mode, record.mode))
+    return StoredGeneration(manifest, files, tuple(differences))

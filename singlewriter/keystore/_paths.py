@@ -9,7 +9,7 @@ from pathlib import Path
 
 from singlewriter._errors import ConfigError
 
-__all__ = ["check_store_path", "validate_name"]
+__all__ = ["check_store_path", "path_argument", "store_path", "validate_name"]
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -33,6 +33,56 @@ def validate_name(name: object) -> str:
             "characters)"
         )
     return name
+
+
+def path_argument(value: object, description: str) -> Path:
+    """Return ``value`` as a Path, or raise ConfigError naming ``description``.
+
+    Accepts a str or an os.PathLike that gives a str. Rejects bytes, other
+    types, the empty string and text with a NUL byte, which no system call
+    accepts.
+    """
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else value
+    if not isinstance(text, str):
+        raise ConfigError(
+            f"invalid {description} {value!r}: pass the path as a str or a pathlib.Path"
+        )
+    if not text:
+        raise ConfigError(
+            f"invalid {description}: the path is empty. Pass a path, or '.' for the "
+            "current directory"
+        )
+    if "\0" in text:
+        raise ConfigError(
+            f"invalid {description} {text!r}: it contains a NUL byte, which no file "
+            "name can contain"
+        )
+    return Path(text)
+
+
+def store_path(value: object) -> Path:
+    """Check the store path argument and the directory chain above it.
+
+    Returns the absolute path as :func:`check_store_path` does. The empty
+    string and any path that resolves to ``/`` are rejected, because the
+    store would fill the current directory or the filesystem root with its
+    entries.
+    """
+    if value == "":
+        raise ConfigError(
+            "invalid store path: the path is empty. Pass the directory that "
+            "holds this certificate's files, such as /etc/acme/live/example.com, "
+            "or '.' to use the current directory on purpose"
+        )
+    path = path_argument(value, "store path")
+    store = check_store_path(path)
+    if store == Path("/") or os.path.realpath(store) == "/":
+        raise ConfigError(
+            f"invalid store path {os.fspath(path)!r}: it resolves to the "
+            "filesystem root '/'. Pass a directory of its own for each "
+            "certificate, such as /etc/acme/live/example.com"
+        )
+    return store
 
 
 def _trusted_owners() -> frozenset[int]:

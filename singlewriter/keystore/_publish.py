@@ -28,7 +28,7 @@ from ._fs import (
     remove_tree,
     replace_symlink,
 )
-from ._hooks import encode_marker
+from ._hooks import encode_marker, new_publication
 from ._layout import (
     DEPLOY_MARKER_NAME,
     MANIFEST_NAME,
@@ -43,7 +43,7 @@ from ._manifest import (
     open_directory,
     read_generation,
 )
-from ._verify import KEY_NAME, looks_like_private_key
+from ._verify import KEY_NAME, is_certificate_only_pem
 
 __all__ = [
     "check_written",
@@ -62,10 +62,15 @@ _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def file_mode_for(context: StoreContext, name: str, data: bytes) -> int:
-    """Return the mode of a new file: ``key_mode`` for anything with a key."""
-    if name == KEY_NAME or looks_like_private_key(data):
-        return context.key_mode
-    return context.file_mode
+    """Return the mode of a new file: ``file_mode`` only for certificates.
+
+    Only PEM made of nothing but CERTIFICATE blocks is known to hold no
+    secret. Every other file, including DER, PKCS#12 and text, may contain a
+    private key in some encoding, so it gets ``key_mode``.
+    """
+    if name != KEY_NAME and is_certificate_only_pem(data):
+        return context.file_mode
+    return context.key_mode
 
 
 def generation_sequences(layout: StoreLayout) -> list[int]:
@@ -128,7 +133,7 @@ def write_generation(
 
         if pending_hooks:
             marker = directory / DEPLOY_MARKER_NAME
-            data = encode_marker(pending_hooks)
+            data = encode_marker(pending_hooks, new_publication())
             create_file(fs, marker, data, 0o644, exact_mode=False)
 
         data = encode_manifest(manifest)
@@ -177,7 +182,7 @@ def check_written(context: StoreContext, manifest: Manifest) -> None:
     directory = context.layout.generation(manifest.sequence)
     fd = open_directory(directory)
     try:
-        written, _ = read_generation(fd, manifest.sequence)
+        written = read_generation(fd, manifest.sequence)
     except InvalidGeneration as exc:
         raise StoreError(
             f"generation {manifest.sequence} in {directory} differs from what was "
@@ -186,10 +191,16 @@ def check_written(context: StoreContext, manifest: Manifest) -> None:
     finally:
         os.close(fd)
 
-    if written.files != manifest.files:
+    if written.manifest.files != manifest.files:
         raise StoreError(
             f"generation {manifest.sequence} in {directory} differs from what was "
             "written"
+        )
+    if written.mode_differences:
+        differences = ", ".join(str(item) for item in written.mode_differences)
+        raise StoreError(
+            f"generation {manifest.sequence} in {directory} has other modes than "
+            f"were written ({differences}): use a filesystem with POSIX file modes"
         )
 
 

@@ -8,7 +8,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 from singlewriter._errors import (
@@ -20,25 +20,41 @@ from singlewriter._errors import (
 )
 
 from ._context import StoreContext
-from ._fs import FileSystem, StrPath, atomic_write, failure, remove_tree, store_lock
+from ._fence import (
+    check_token,
+    next_sequence,
+    record_token,
+    recorded_token,
+    reset_fence,
+)
+from ._fs import FileSystem, StrPath, failure, remove_tree, store_lock
 from ._hooks import (
     DeployHook,
     hook_name,
+    new_publication,
     read_marker,
     replace_marker,
     run_pending_hooks,
+    runnable_hooks,
+    running_hooks_of,
 )
-from ._layout import MANIFEST_NAME, REQUIRED_NAMES, StoreLayout
+from ._layout import MANIFEST_NAME, StoreLayout
 from ._manifest import (
     FileRecord,
     Generation,
     InvalidGeneration,
     Manifest,
-    open_directory,
     read_generation,
     read_manifest,
 )
-from ._paths import check_store_path, validate_name
+from ._options import (
+    check_clock,
+    check_files,
+    check_keep,
+    check_modes,
+    encode_passphrase,
+)
+from ._paths import store_path, validate_name
 from ._publish import (
     check_written,
     file_mode_for,
@@ -48,14 +64,15 @@ from ._publish import (
     remove_stale_links,
     write_generation,
 )
+from ._reading import CurrentUnreadable, read_published
 from ._recovery import (
     check_generation,
     load_manifest,
+    needs_recovery,
     pointer_sequence,
-    recorded_token,
     recover,
-    token_file_value,
     verify_generation,
+    warn_mode_differences,
 )
 from ._verify import (
     KEY_NAME,
@@ -70,39 +87,6 @@ __all__ = ["KeyStore"]
 logger = logging.getLogger(__name__)
 
 
-def _utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _check_mode(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
-        raise ConfigError(
-            f"invalid {name} {value!r}: pass permission bits such as 0o600"
-        )
-    return value
-
-
-def _check_options(keep: int, key_mode: int) -> None:
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ConfigError(
-            f"invalid keep={keep!r}: pass how many generations to keep, at least 1"
-        )
-    if key_mode & 0o007 or not key_mode & 0o400:
-        raise ConfigError(
-            f"invalid key_mode {key_mode:#o}: a private key must be readable by "
-            "its owner and by nobody outside its group, for example 0o600 or 0o640"
-        )
-
-
-def _encode_passphrase(passphrase: str | bytes | None) -> bytes | None:
-    if passphrase is None:
-        return None
-    encoded = passphrase.encode() if isinstance(passphrase, str) else passphrase
-    if not isinstance(encoded, bytes) or not encoded:
-        raise ConfigError("invalid passphrase: pass a non-empty str or bytes")
-    return encoded
-
-
 class KeyStore:
     """One certificate's key material under ``path``, published as one set.
 
@@ -114,15 +98,18 @@ class KeyStore:
     the new set published, never a mix, and never an empty or partial file.
 
     Fencing: the store records the highest lease token that has written to
-    it. A commit or rollback with a lower token raises StaleTokenError and
-    changes nothing. An equal token may commit again, because one lease may
-    legitimately publish twice. The token check and the publish happen under
-    an flock(2) on ``.lock``, which excludes other writers on this host only.
+    it, and keeps it until :meth:`reset_fence` lowers it. A commit or
+    rollback with a lower token raises StaleTokenError and changes nothing.
+    An equal token may commit again, because one lease may legitimately
+    publish twice. The token check and the publish happen under an
+    flock(2) on ``.lock``, which excludes other writers on this host only.
 
-    Opening a store creates the directory if needed and runs recovery (see
-    ``_recovery``). Methods are safe to call from several threads. Deploy
-    hooks run in the thread that commits, with the store lock held, so a
-    hook must not commit or roll back the same store.
+    Opening a store creates the directory if needed and, when something is
+    left to repair, runs recovery under the store lock (see ``_recovery``).
+    Methods are safe to call from several threads. Deploy hooks run in the
+    thread that commits, after the store lock is released, so a hook may
+    open and read the store, but must not commit to it, roll it back or
+    reset its fence.
 
     ``hooks`` is a list of callables, named by their qualified names, or a
     mapping from stable names to callables. Hooks that a crashed process
@@ -145,34 +132,29 @@ class KeyStore:
         filesystem: FileSystem | None = None,
         lock_name: str | None = None,
     ) -> None:
-        _check_mode("key_mode", key_mode)
-        _check_options(keep, key_mode)
-        root = check_store_path(Path(path))
+        check_modes(key_mode, file_mode, directory_mode)
+        root = store_path(path)
 
         self._context = StoreContext(
             layout=StoreLayout(root),
             fs=filesystem if filesystem is not None else FileSystem(),
-            passphrase=_encode_passphrase(passphrase),
-            clock=clock if clock is not None else _utc_now,
-            keep=keep,
+            passphrase=encode_passphrase(passphrase),
+            clock=check_clock(clock),
+            keep=check_keep(keep),
             key_mode=key_mode,
-            file_mode=_check_mode("file_mode", file_mode),
-            directory_mode=_check_mode("directory_mode", directory_mode),
+            file_mode=file_mode,
+            directory_mode=directory_mode,
             lock_name=lock_name,
         )
         self._hooks: dict[str, DeployHook] = {}
         self._thread_lock = threading.Lock()
-        self._hook_thread: int | None = None
-        if isinstance(hooks, Mapping):
-            for name, hook in hooks.items():
-                self.add_deploy_hook(hook, name=name)
-        else:
-            for hook in hooks:
-                self.add_deploy_hook(hook)
+        self._register_hooks(hooks)
 
         self._create_root()
-        with self._locked():
-            self._recover()
+        if needs_recovery(self._context):
+            with self._locked():
+                self._recover()
+        self._run_hooks(wait=False)
 
     def __repr__(self) -> str:
         return f"KeyStore({str(self.path)!r})"
@@ -199,6 +181,16 @@ class KeyStore:
         store after a crash runs a pending hook only if it registered a hook
         of the same name, so use a stable name for lambdas and closures.
         """
+        if not callable(hook):
+            raise ConfigError(
+                f"invalid deploy hook {hook!r} for {self.path}: pass a callable "
+                "that takes the published Generation"
+            )
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ConfigError(
+                f"invalid deploy hook name {name!r} for {self.path}: pass a "
+                "non-empty str"
+            )
         key = name if name is not None else hook_name(hook)
         if key in self._hooks:
             raise ConfigError(
@@ -214,28 +206,27 @@ class KeyStore:
 
         The pointer is opened once and every file is read through that
         directory descriptor, so the result comes from a single generation
-        even while another process commits. With a passphrase, ``privkey.pem``
-        is returned decrypted as unencrypted PKCS#8 PEM.
+        even while another process commits. If that generation is replaced
+        and deleted during the read, the read starts again with the new one.
+        With a passphrase, ``privkey.pem`` is returned decrypted as
+        unencrypted PKCS#8 PEM. Takes no lock.
         """
         layout = self._context.layout
         try:
-            fd = open_directory(layout.pointer)
-        except FileNotFoundError:
-            return None
-
-        try:
-            manifest, files = read_generation(fd, None)
-        except (InvalidGeneration, OSError) as exc:
+            stored = read_published(layout, lambda fd: read_generation(fd, None))
+        except CurrentUnreadable as exc:
             raise StoreError(
                 f"the current generation of {self.path} cannot be read ({exc}): "
                 "open the store again to run recovery, or commit a new set",
                 lock_name=self._context.lock_name,
             ) from exc
-        finally:
-            os.close(fd)
+        if stored is None:
+            return None
 
+        files = dict(stored.files)
         if KEY_NAME in files:
             files[KEY_NAME] = decrypt_private_key(files[KEY_NAME], self._passphrase)
+        manifest = stored.manifest
         generation = manifest.generation(layout.generation(manifest.sequence))
         return generation, dict(sorted(files.items()))
 
@@ -245,18 +236,18 @@ class KeyStore:
         return None if snapshot is None else snapshot[1]
 
     def current_generation(self) -> Generation | None:
-        """Return the generation the pointer names, or None."""
+        """Return the generation the pointer names, or None.
+
+        None also means that the pointer names a damaged generation, which
+        the next open repairs.
+        """
         layout = self._context.layout
         try:
-            fd = open_directory(layout.pointer)
-        except FileNotFoundError:
+            manifest = read_published(layout, lambda fd: read_manifest(fd, None))
+        except CurrentUnreadable:
             return None
-        try:
-            manifest = read_manifest(fd, None)
-        except InvalidGeneration:
+        if manifest is None:
             return None
-        finally:
-            os.close(fd)
         return manifest.generation(layout.generation(manifest.sequence))
 
     def generations(self) -> list[Generation]:
@@ -270,7 +261,7 @@ class KeyStore:
         result = []
         for sequence in generation_sequences(layout):
             try:
-                manifest, _ = check_generation(self._context, sequence)
+                manifest = check_generation(self._context, sequence).manifest
             except InvalidGeneration:
                 continue
             result.append(manifest.generation(layout.generation(sequence)))
@@ -291,18 +282,29 @@ class KeyStore:
         One exception: if the directory fsync after the pointer swap fails and
         setting the pointer back fails too, the new set stays visible with
         unknown durability, which is logged at ERROR.
+
+        Deploy hooks that are still pending for the current set run first,
+        and the hooks of the new set run after the store lock is released,
+        before commit returns.
         """
-        token = self._check_token_type(token)
-        content = self._check_files(files)
+        token = check_token(token, self._context.lock_name)
+        content = check_files(files, self.path)
+        self._reject_inside_hook()
+        self._reject_stale(token)
+        self._run_hooks(wait=True)
+
         with self._locked():
             self._reject_stale(token)
             try:
-                return self._commit_locked(token, content)
+                generation = self._commit_locked(token, content)
             except SingleWriterError as exc:
                 raise self._failed("commit", token, exc) from exc
             except OSError as exc:
                 error = failure("reading", self.path, exc)
                 raise self._failed("commit", token, error) from exc
+
+        self._run_hooks(wait=True)
+        return generation
 
     def rollback(self, token: int) -> Generation:
         """Publish the generation that was current before the current one.
@@ -310,24 +312,96 @@ class KeyStore:
         Generations that no longer verify (expired or damaged) are skipped
         along the way back. Raises StoreError when there is none, and
         StaleTokenError like :meth:`commit`. Deploy hooks run for the
-        generation published.
+        generation published, after the store lock is released.
         """
-        token = self._check_token_type(token)
+        token = check_token(token, self._context.lock_name)
+        self._reject_inside_hook()
+        self._reject_stale(token)
+        self._run_hooks(wait=True)
+
         with self._locked():
             self._reject_stale(token)
             try:
-                return self._rollback_locked(token)
+                generation = self._rollback_locked(token)
             except SingleWriterError as exc:
                 raise self._failed("rollback", token, exc) from exc
             except OSError as exc:
                 error = failure("reading", self.path, exc)
                 raise self._failed("rollback", token, error) from exc
 
+        self._run_hooks(wait=True)
+        return generation
+
+    def reset_fence(self, token: int, *, confirm: str) -> int | None:
+        """Make ``token`` the highest token of the store; return the one before.
+
+        The store keeps its highest token forever, so a store that a lock
+        backend with large tokens wrote to (Redis and Consul count
+        microseconds) rejects every token of a backend that counts from 1
+        (file locks). This is the operator's way out. Stop every writer that
+        still uses the previous backend first: afterwards the store accepts
+        every token from ``token`` up, including theirs.
+
+        ``confirm`` must be ``str(store.path)``, so that a reset names the
+        store it lowers. Takes the store lock and logs WARNING. Manifests
+        written before the reset no longer count towards the highest token.
+        """
+        token = check_token(token, self._context.lock_name)
+        if confirm != str(self.path):
+            raise ConfigError(
+                f"reset_fence of {self.path} was not confirmed: pass "
+                f"confirm={str(self.path)!r} to lower its highest token on purpose",
+                lock_name=self._context.lock_name,
+            )
+        self._reject_inside_hook()
+
+        with self._locked():
+            try:
+                previous = reset_fence(self._context, token)
+            except OSError as exc:
+                if isinstance(exc, StoreError):
+                    raise
+                raise failure("resetting the fence of", self.path, exc) from exc
+
+        logger.warning(
+            "Reset the fence of %s from highest token %s to %d: any token from %d "
+            "up is accepted now, so no writer of the previous lock backend may "
+            "still run",
+            self.path,
+            previous,
+            token,
+            token,
+        )
+        return previous
+
     # Internals.
 
     @property
     def _passphrase(self) -> bytes | None:
         return self._context.passphrase
+
+    def _register_hooks(
+        self, hooks: Mapping[str, DeployHook] | Iterable[DeployHook]
+    ) -> None:
+        if isinstance(hooks, Mapping):
+            for name, hook in hooks.items():
+                self.add_deploy_hook(hook, name=name)
+            return
+        if callable(hooks) or isinstance(hooks, (str, bytes)):
+            hooks_type = type(hooks).__name__
+            raise ConfigError(
+                f"invalid hooks for {self.path}: pass a list of callables or a "
+                f"mapping from names to callables, not a {hooks_type}"
+            )
+        try:
+            registered = list(hooks)
+        except TypeError:
+            raise ConfigError(
+                f"invalid hooks {hooks!r} for {self.path}: pass a list of "
+                "callables or a mapping from names to callables"
+            ) from None
+        for hook in registered:
+            self.add_deploy_hook(hook)
 
     def _create_root(self) -> None:
         """Create the store directory and any missing parents."""
@@ -357,40 +431,34 @@ class KeyStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        if self._hook_thread == threading.get_ident():
-            raise ConfigError(
-                f"a deploy hook tried to change {self.path} while the store runs "
-                "its hooks: hooks must not commit or roll back the same store"
-            )
         with self._thread_lock, store_lock(self._context.layout.lock):
             yield
 
-    def _check_token_type(self, token: int) -> int:
-        if isinstance(token, bool) or not isinstance(token, int):
+    def _reject_inside_hook(self) -> None:
+        if running_hooks_of(self.path):
             raise ConfigError(
-                f"invalid token {token!r}: pass the integer fencing token of the "
-                "lease that is committing",
+                f"a deploy hook tried to change {self.path} while the store runs "
+                "its hooks: hooks must not commit, roll back or reset the fence "
+                "of the same store",
                 lock_name=self._context.lock_name,
             )
-        return token
 
-    def _check_files(self, files: Mapping[str, bytes]) -> dict[str, bytes]:
-        content = {}
-        for name, data in files.items():
-            validate_name(name)
-            if not isinstance(data, bytes):
-                raise ConfigError(
-                    f"invalid content for {name}: pass bytes, not {type(data).__name__}"
-                )
-            content[name] = data
+    def _run_hooks(self, *, wait: bool) -> None:
+        """Run the pending hooks of the current generation, logging failures.
 
-        missing = sorted(set(REQUIRED_NAMES) - set(content))
-        if missing:
-            raise ConfigError(
-                f"commit to {self.path} is missing {', '.join(missing)}: pass "
-                f"all of {', '.join(REQUIRED_NAMES)}"
+        Takes ``.hooks.lock`` and the store lock only when a hook registered
+        here is pending, so a process without hooks never waits for them.
+        """
+        if not runnable_hooks(self._context, self._hooks):
+            return
+        try:
+            run_pending_hooks(self._context, self._hooks, self._locked, wait=wait)
+        except OSError as exc:
+            logger.error(
+                "Could not run the deploy hooks of %s, which stay pending: %s",
+                self.path,
+                exc,
             )
-        return content
 
     def _reject_stale(self, token: int) -> None:
         highest = recorded_token(self._context)
@@ -406,7 +474,9 @@ class KeyStore:
         raise StaleTokenError(
             f"token {token} is stale for {self.path}: token {highest} has already "
             "written to it, so this process no longer holds the lease. Nothing "
-            "was changed; stop and let the current holder renew",
+            "was changed; stop and let the current holder renew. If the lock "
+            "backend changed and issues lower tokens now, see "
+            "KeyStore.reset_fence",
             lock_name=self._context.lock_name,
             token=token,
         )
@@ -433,21 +503,15 @@ class KeyStore:
         check_validity_period(certificate, self._context.clock())
         return stored, certificate.not_valid_after_utc
 
-    def _record_token(self, token: int) -> None:
-        recorded = token_file_value(self._context)
-        if recorded is not None and recorded >= token:
-            return
-        path = self._context.layout.token
-        atomic_write(path, b"%d\n" % token, mode=0o644, fs=self._context.fs)
-
     def _warn_superseded(self, current: Generation | None) -> None:
         if current is None:
             return
-        pending = read_marker(current.path)
+        pending = read_marker(current.path).names
         if pending:
             logger.warning(
-                "Deploy hooks %s never ran for generation %d of %s, which is now "
-                "replaced: no process with those hooks opened the store",
+                "Deploy hooks %s never ran for generation %d of %s, which this "
+                "commit replaces. Hooks run only for the current generation, so "
+                "they run for the new one if it lists them",
                 ", ".join(pending),
                 current.sequence,
                 self.path,
@@ -457,11 +521,10 @@ class KeyStore:
         stored, not_after = self._prepare(files)
         current = self._recover()
         self._warn_superseded(current)
-        self._record_token(token)
+        record_token(self._context, token)
 
-        sequences = generation_sequences(self._context.layout)
         manifest = Manifest(
-            sequence=(sequences[-1] + 1) if sequences else 1,
+            sequence=next_sequence(self._context),
             token=token,
             previous=None if current is None else current.sequence,
             created=self._context.clock(),
@@ -506,32 +569,17 @@ class KeyStore:
         except OSError as exc:
             logger.warning("Could not tidy %s after publishing: %s", self.path, exc)
 
-        generation = manifest.generation(
-            self._context.layout.generation(manifest.sequence)
-        )
-        self._run_hooks(generation)
-        return generation
+        return manifest.generation(self._context.layout.generation(manifest.sequence))
 
     def _recover(self) -> Generation | None:
-        """Run recovery, which may run pending hooks, marking this thread."""
-        self._hook_thread = threading.get_ident()
-        try:
-            return recover(self._context, self._hooks)
-        finally:
-            self._hook_thread = None
-
-    def _run_hooks(self, generation: Generation) -> None:
-        self._hook_thread = threading.get_ident()
-        try:
-            run_pending_hooks(self._context, generation, self._hooks)
-        finally:
-            self._hook_thread = None
+        """Run recovery; the caller holds the store lock and runs hooks later."""
+        return recover(self._context, list(self._hooks))
 
     def _rollback_target(self, current: Generation) -> Manifest:
         previous = current.previous
         while previous is not None:
             try:
-                manifest, certificate = verify_generation(self._context, previous)
+                stored, certificate = verify_generation(self._context, previous)
                 check_validity_period(certificate, self._context.clock())
             except (InvalidGeneration, VerificationError) as exc:
                 logger.info("Skipping generation %d in rollback: %s", previous, exc)
@@ -540,7 +588,8 @@ class KeyStore:
                 except InvalidGeneration:
                     break
                 continue
-            return manifest
+            warn_mode_differences(self._context, previous, stored.mode_differences)
+            return stored.manifest
 
         raise StoreError(
             f"no earlier valid generation to roll back to from generation "
@@ -556,11 +605,13 @@ class KeyStore:
             )
 
         target = self._rollback_target(current)
-        self._record_token(token)
+        record_token(self._context, token)
 
         directory = self._context.layout.generation(target.sequence)
         if self._hooks:
-            replace_marker(self._context, directory, list(self._hooks))
+            replace_marker(
+                self._context, directory, list(self._hooks), new_publication()
+            )
         names = tuple(sorted(target.files))
         publish(self._context, target.sequence, names, current.sequence)
         logger.info(
@@ -571,6 +622,4 @@ class KeyStore:
             token,
         )
         remove_stale_links(self._context, names)
-        generation = target.generation(directory)
-        self._run_hooks(generation)
-        return generation
+        return target.generation(directory)

@@ -1,10 +1,11 @@
 """Checks that a set of PEM files is a usable key and certificate chain.
 
 A set passes when every PEM parses, the private key matches the public key
-of the certificate, ``chain.pem`` lists the issuers in order (each
-certificate is issued by the next), and ``fullchain.pem`` is the certificate
-followed by the chain. The validity period is checked separately, so that
-recovery can tell an expired set from a broken one. Only the leaf
+of the certificate, ``chain.pem`` lists the issuers in order, and
+``fullchain.pem`` is the certificate followed by the chain. In order means
+that each certificate names the next one as its issuer and that the next
+one's public key verifies its signature. The validity period is checked
+separately, so that recovery can tell an expired set from a broken one. Only the leaf
 certificate's validity period is checked: chains sometimes end in an expired
 cross-signed root on purpose, and clients skip it.
 
@@ -15,6 +16,7 @@ configuration is not.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime
 
@@ -33,8 +35,8 @@ __all__ = [
     "check_validity_period",
     "decrypt_private_key",
     "encrypt_private_key",
+    "is_certificate_only_pem",
     "is_encrypted_key",
-    "looks_like_private_key",
     "verify_set",
 ]
 
@@ -45,10 +47,28 @@ FULLCHAIN_NAME = "fullchain.pem"
 
 _ENCRYPTED_HEADER = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
 
+_CERTIFICATE_BLOCK = (
+    rb"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----"
+)
+_CERTIFICATE_ONLY = re.compile(rb"\s*(?:" + _CERTIFICATE_BLOCK + rb"\s*)+")
+_CERTIFICATE_BLOCKS = re.compile(_CERTIFICATE_BLOCK)
 
-def looks_like_private_key(data: bytes) -> bool:
-    """Return whether ``data`` contains a PEM private key block of any kind."""
-    return b"PRIVATE KEY-----" in data
+
+def is_certificate_only_pem(data: bytes) -> bool:
+    """Return whether ``data`` is PEM made only of CERTIFICATE blocks.
+
+    Whitespace may separate the blocks, and every block must parse as a
+    certificate. Anything else returns False, whatever it contains: DER,
+    PKCS#12, other PEM block types and text outside the blocks may hold a
+    private key, so the store gives such a file ``key_mode``.
+    """
+    if _CERTIFICATE_ONLY.fullmatch(data) is None:
+        return False
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        return False
+    return len(certificates) == len(_CERTIFICATE_BLOCKS.findall(data))
 
 
 def is_encrypted_key(data: bytes) -> bool:
@@ -124,14 +144,31 @@ def _public_key_bytes(key: PrivateKeyTypes | x509.Certificate) -> bytes:
 def _check_issued_by(
     child: x509.Certificate, child_place: str, parent: x509.Certificate, index: int
 ) -> None:
+    parent_place = f"certificate {index + 1} of {CHAIN_NAME}"
+    if child.issuer != parent.subject:
+        raise VerificationError(
+            f"{CHAIN_NAME} is out of order or incomplete: {child_place} "
+            f"{_describe(child)} names the issuer "
+            f"'{child.issuer.rfc4514_string()}', but {parent_place} is "
+            f"{_describe(parent)}. List the issuer of each certificate right "
+            "after it"
+        )
+
     try:
         child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature) as exc:
+    except InvalidSignature as exc:
         raise VerificationError(
-            f"{CHAIN_NAME} is out of order: {child_place} {_describe(child)} is "
-            f"not issued by certificate {index + 1} of {CHAIN_NAME} "
-            f"{_describe(parent)} ({exc or 'signature does not verify'}). "
-            "List the issuer of each certificate right after it"
+            f"{CHAIN_NAME} does not belong to {child_place} {_describe(child)}: "
+            f"the issuer name matches {parent_place} {_describe(parent)}, but "
+            "the signature does not verify with that certificate's public "
+            "key, so the chain comes from a different CA with the same name. "
+            "Pass the chain that was issued together with this certificate"
+        ) from exc
+    except (ValueError, TypeError) as exc:
+        raise VerificationError(
+            f"the signature of {child_place} {_describe(child)} could not be "
+            f"checked against {parent_place} {_describe(parent)}: {exc}. Pass "
+            "the chain that was issued together with this certificate"
         ) from exc
 
 
