@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -30,6 +31,21 @@ def unavailable(component: str, reason: str) -> None:
     if REQUIRE_SERVERS:
         pytest.fail(message + " (SINGLEWRITER_REQUIRE_SERVERS=1 forbids skipping)")
     pytest.skip(message)
+
+
+@pytest.fixture
+def clean_cli_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Drop SINGLEWRITER_* option variables and undo main()'s logging setup."""
+    keep = {"SINGLEWRITER_SERVER_CACHE", "SINGLEWRITER_REQUIRE_SERVERS"}
+    for name in list(os.environ):
+        if name.startswith("SINGLEWRITER_") and name not in keep:
+            monkeypatch.delenv(name)
+
+    logger = logging.getLogger("singlewriter")
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

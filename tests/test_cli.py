@@ -44,25 +44,15 @@ from singlewriter.cli._advice import for_command_line
 from singlewriter.cli._hooks import HOOK_NAME
 from singlewriter.cli._logging import redact
 from singlewriter.keystore import KeyStore
+from tests._support import ROOT
 from tests.test_cli_check import issue
 
-ROOT = Path(__file__).resolve().parent.parent
 NOT_AFTER = datetime(2031, 5, 4, 3, 2, 1, tzinfo=timezone.utc)
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Drop SINGLEWRITER_* option variables and undo main()'s logging setup."""
-    keep = {"SINGLEWRITER_SERVER_CACHE", "SINGLEWRITER_REQUIRE_SERVERS"}
-    for name in list(os.environ):
-        if name.startswith("SINGLEWRITER_") and name not in keep:
-            monkeypatch.delenv(name)
-
-    logger = logging.getLogger("singlewriter")
-    handlers, level = list(logger.handlers), logger.level
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
+# Every CLI test starts without SINGLEWRITER_* options and leaves logging
+# as it found it; the fixture is defined in tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("clean_cli_environment")
 
 
 @dataclass

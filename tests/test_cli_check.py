@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -94,19 +91,9 @@ def write_plain(directory: Path, files: dict[str, bytes]) -> tuple[Path, Path]:
     return cert, key
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Drop SINGLEWRITER_* option variables and undo main()'s logging setup."""
-    keep = {"SINGLEWRITER_SERVER_CACHE", "SINGLEWRITER_REQUIRE_SERVERS"}
-    for name in list(os.environ):
-        if name.startswith("SINGLEWRITER_") and name not in keep:
-            monkeypatch.delenv(name)
-
-    logger = logging.getLogger("singlewriter")
-    handlers, level = list(logger.handlers), logger.level
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
+# Every CLI test starts without SINGLEWRITER_* options and leaves logging
+# as it found it; the fixture is defined in tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("clean_cli_environment")
 
 
 @pytest.fixture

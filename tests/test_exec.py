@@ -9,7 +9,6 @@ the point: exec must stop promptly on a signal.
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import signal
@@ -26,24 +25,11 @@ import pytest
 from singlewriter import Grant, Lease, Lock, LockBusy
 from singlewriter.backends.file import FileLock
 from singlewriter.cli import _exec, main
-from tests._support import unique_name
+from tests._support import ROOT, unique_name
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Drop SINGLEWRITER_* option variables and undo main()'s logging setup."""
-    keep = {"SINGLEWRITER_SERVER_CACHE", "SINGLEWRITER_REQUIRE_SERVERS"}
-    for name in list(os.environ):
-        if name.startswith("SINGLEWRITER_") and name not in keep:
-            monkeypatch.delenv(name)
-
-    logger = logging.getLogger("singlewriter")
-    handlers, level = list(logger.handlers), logger.level
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
+# Every CLI test starts without SINGLEWRITER_* options and leaves logging
+# as it found it; the fixture is defined in tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("clean_cli_environment")
 
 
 @pytest.fixture
