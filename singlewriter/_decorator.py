@@ -34,8 +34,8 @@ def single_writer(
 
     ``lock`` is a Lock or a URL (then ``name`` and ``options`` go to
     ``lock_from_url``, built on the first call). With ``wait`` the job waits
-    up to ``timeout`` seconds and raises LockTimeout after; without it a
-    busy lock makes the call return None at once, logged at INFO.
+    up to ``timeout`` seconds, then raises LockTimeout. Without it, a busy
+    lock makes the call return None at once, logged at INFO.
     ``pass_lease`` passes the Lease as the keyword argument ``lease``.
     The lease is released when the job returns or raises. With
     ``check_at_end`` a lease lost while the job ran raises LockLost after

@@ -84,10 +84,10 @@ class Lock(abc.ABC):
     """A named mutual-exclusion lock that hands out fencing tokens.
 
     ``ttl`` (seconds) is how long a lease lives on the backend without a
-    renewal; the holder renews every ``renew_interval`` (default ttl/3) and
-    counts its lease as lost at ``safety_margin`` (default ttl/10) before
-    the ttl runs out, measured from when the last successful renewal was
-    sent. ``poll_interval`` caps the wait between attempts while blocked.
+    renewal. The holder renews every ``renew_interval`` (default ttl/3). It
+    counts its lease as lost ``safety_margin`` (default ttl/10) before the
+    ttl runs out, measured from when the last successful renewal was sent.
+    ``poll_interval`` caps the wait between attempts while blocked.
 
     A lock object may be shared by threads: every ``acquire()`` returns a
     new Lease and nothing about a lease is stored on the lock.
@@ -239,7 +239,7 @@ class Lock(abc.ABC):
         """Make one acquisition attempt."""
 
     def _renew(self, lease: Lease, timeout: float) -> bool:
-        """Extend ``lease``; return False if the backend no longer holds it."""
+        """Extend ``lease``. Return False if it is no longer the holder."""
         raise NotImplementedError(f"{self.backend} locks do not renew")
 
     @abc.abstractmethod
@@ -300,8 +300,8 @@ class Lock(abc.ABC):
 
     def _call_timeout(self, give_up_at: float) -> float:
         # A call cut short by the caller's timeout would turn "busy" into a
-        # spurious BackendUnavailable, so the last attempt still gets up to
-        # one second; acquire() may return that much after its timeout.
+        # spurious BackendUnavailable. So the last attempt still gets up to
+        # one second, and acquire() may return that much after its timeout.
         remaining = give_up_at - self.clock()
         return min(self.operation_timeout, max(remaining, _MIN_CALL_TIMEOUT))
 

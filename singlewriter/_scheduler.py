@@ -210,8 +210,8 @@ class Scheduler:
         )
 
 
-# Threads that make renewal calls for every lease of the process; more
-# than one, so that one hung backend call does not hold up the others.
+# Threads that make the renewal calls of every lease in the process. There
+# is more than one, so that one hung backend call does not block the others.
 _RENEWAL_WORKERS = 4
 
 _default: Scheduler | None = None

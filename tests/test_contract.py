@@ -1,8 +1,8 @@
 """The lock contract, run unchanged against every backend with real processes.
 
-Where real time is needed the ttl is short (1 s) and every wait has a
+Where real time is needed, the ttl is short (1 s) and every wait has a
 timeout several times larger, so that a loaded CI machine does not make
-the tests flaky; the assertions compare orderings of events, not speeds.
+the tests flaky. The assertions compare orderings of events, not speeds.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def test_sigkill_of_holder_frees_lock_within_ttl(
 def test_sigstop_past_ttl_then_resume(
     backend: tuple[str, str], workers: list[Worker]
 ) -> None:
-    """A holder frozen past its ttl sees its lease lost before any fenced step."""
+    """A holder frozen past its ttl finds its lease lost before any fenced step."""
     _, url = backend
     name = unique_name()
     worker = spawn(workers, url, name)

@@ -50,8 +50,8 @@ def test_torn_token_slot_falls_back_to_other(lock_dir: Path) -> None:
     path.write_bytes(bytes(data))
 
     with lock as lease:
-        # Slot 0 still says 4, so token 5 is issued again only if nobody
-        # was handed 5 durably; the write of 5 was torn, so it was not.
+        # Slot 0 still contains 4, so token 5 is issued again. That is safe
+        # because the write of 5 was torn, so no caller received token 5.
         assert lease.token == 5
 
 

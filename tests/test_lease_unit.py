@@ -309,8 +309,11 @@ def test_public_names_sorted_and_complete() -> None:
     exported = singlewriter.__all__
 
     def style(name: str) -> tuple[int, str]:
-        kind = 0 if name.isupper() else 1 if name[0].isupper() else 2
-        return kind, name
+        if name.isupper():
+            return 0, name
+        if name[0].isupper():
+            return 1, name
+        return 2, name
 
     assert exported == sorted(exported, key=style)
     public = {n for n in vars(singlewriter) if not n.startswith("_")}

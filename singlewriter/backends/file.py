@@ -153,7 +153,7 @@ class FileLock(Lock):
             )
 
     def _check_directory_owner(self) -> None:
-        # Whoever can replace NAME.lock or NAME.token can let a second
+        # A user who can replace NAME.lock or NAME.token can let a second
         # holder in or send tokens backwards. The sticky bit stops other
         # users from replacing files they do not own (and files they created
         # first are rejected when opened).

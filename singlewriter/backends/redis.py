@@ -16,7 +16,7 @@ Rules:
   token + 1; store it in both keys.
 - Renew and release (one round trip each) act only when the lock key still
   holds this lease's ``OWNER TOKEN``.
-- Data loss. A Redis without persistence forgets both keys when it
+- Data loss. A Redis without persistence loses both keys when it
   restarts. Tokens still increase, because a new token is at least the
   server clock in microseconds, which has moved past every earlier token
   unless that clock went backwards. Mutual exclusion survives the restart
@@ -177,8 +177,9 @@ class RedisLock(Lock):
         try:
             client = redis.Redis.from_url(client_url, **client_options)
             # redis-py checks connection options only when it first builds a
-            # connection; build one now so a bad option fails here.
-            client.connection_pool.make_connection()
+            # connection. Build the lock's own connection now, so that a bad
+            # option fails here.
+            connection = client.connection_pool.make_connection()
         except (ValueError, TypeError, redis.exceptions.RedisError) as exc:
             raise ConfigError(
                 f"Redis URL {_redact(url)!r} for lock {name!r} is invalid: {exc}."
@@ -186,7 +187,10 @@ class RedisLock(Lock):
                 lock_name=name,
                 backend=cls.backend,
             ) from exc
-        return cls(client, name, **lock_options)
+        lock = cls(client, name, **lock_options)
+        lock._connection = connection
+        lock._connection_pid = os.getpid()
+        return lock
 
     def _try_acquire(self, timeout: float, owner: str) -> Grant | Busy:
         floor = _seen.get((self._server, self.lock_key), 0)
