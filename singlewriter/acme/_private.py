@@ -2,8 +2,8 @@
 
 The account directory contains the account key and the in-flight order key,
 which becomes the live certificate's key. Another local user who can write
-there could plant a key of their choosing, so every directory is created
-with mode 0700 (not left to the umask) and every directory and file read
+there could plant a key of their choosing. So every directory is created
+with mode 0700, whatever the umask. Every directory and file that is read
 must belong to root or the current user and have no group or other write
 bit.
 """
