@@ -430,3 +430,24 @@ def test_lost_lease_stops_next_fenced_step(
     assert result.renewed
     resumed = acme_requests.posts_to(acme_env.pebble.new_order_url)
     assert len(resumed) == (1 if step == "key-persisted" else 0)
+
+
+def test_renewal_survives_frequent_bad_nonces(make_pebble: Any, tmp_path: Path) -> None:
+    """A CA that rejects many nonces must not fail the renewal.
+
+    ClientNetwork retries a badNonce only once; with Pebble's default 5 %
+    rejection that failed about one POST in 400 and made a whole renewal
+    fail now and then. Here Pebble rejects 30 % of good nonces. With only a
+    single retry about one POST in eleven fails, and this test failed in
+    three of four runs.
+    """
+    pebble: PebbleServer = make_pebble(
+        retry_after_authz=0, retry_after_order=0, nonce_reject=30
+    )
+    for index in range(2):
+        (tmp_path / str(index)).mkdir()
+        env = ACMEEnv(
+            pebble=pebble, root=tmp_path / str(index), domains=[unique_domain()]
+        )
+        result = renew(env.domains, **env.kwargs(sleep=lambda _: None))
+        assert result.renewed
