@@ -177,9 +177,8 @@ class RedisLock(Lock):
         try:
             client = redis.Redis.from_url(client_url, **client_options)
             # redis-py checks connection options only when it first builds a
-            # connection. Build the lock's own connection now, so that a bad
-            # option fails here.
-            connection = client.connection_pool.make_connection()
+            # connection; build one now so a bad option fails here.
+            client.connection_pool.make_connection()
         except (ValueError, TypeError, redis.exceptions.RedisError) as exc:
             raise ConfigError(
                 f"Redis URL {_redact(url)!r} for lock {name!r} is invalid: {exc}."
@@ -187,10 +186,7 @@ class RedisLock(Lock):
                 lock_name=name,
                 backend=cls.backend,
             ) from exc
-        lock = cls(client, name, **lock_options)
-        lock._connection = connection
-        lock._connection_pid = os.getpid()
-        return lock
+        return cls(client, name, **lock_options)
 
     def _try_acquire(self, timeout: float, owner: str) -> Grant | Busy:
         floor = _seen.get((self._server, self.lock_key), 0)
